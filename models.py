@@ -1,0 +1,468 @@
+"""Vision Transformer, MAE, DS-MAE, EMA, losses and k-NN: everything the stage scripts share
+except the data. Depends on torch alone; each class depends only on what is defined above it,
+so any piece can be copied into another project.
+
+Parameter names follow timm's VisionTransformer (patch_embed.proj, cls_token, pos_embed,
+blocks.N.attn.qkv, blocks.N.mlp.fc1, norm, head), so an encoder trained here loads into
+timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=2, num_classes=0).
+
+Shapes: B batch, N patches, M selected patches (masked or noised), D width, P = p*p*C pixels
+per patch.
+"""
+import copy
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def sincos_pos_embed(dim, grid_h, grid_w, cls_token=True):
+    """Fixed 2-D sine-cosine positional embedding, (1, [1 +] grid_h * grid_w, dim).
+
+    Half of the channels encode the row, half the column; the class token gets zeros.
+    """
+    assert dim % 4 == 0, f"embedding width {dim} must be divisible by 4 for 2-D sin-cos"
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
+                                torch.arange(grid_w, dtype=torch.float64), indexing="ij")
+    parts = []
+    for pos in (rows.flatten(), cols.flatten()):
+        angle = pos[:, None] * omega[None, :]                    # (N, dim/4)
+        parts += [angle.sin(), angle.cos()]
+    emb = torch.cat(parts, dim=1)                                # (N, dim)
+    if cls_token:
+        emb = torch.cat([torch.zeros(1, dim, dtype=emb.dtype), emb], dim=0)
+    return emb.float().unsqueeze(0)
+
+
+def patchify(imgs, p):
+    """(B, C, H, W) -> (B, N, p*p*C), patches in row-major order, pixels (row, col, channel)."""
+    B, C, H, W = imgs.shape
+    h, w = H // p, W // p
+    x = imgs.reshape(B, C, h, p, w, p).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(B, h * w, p * p * C)
+
+
+def unpatchify(x, p, h, w):
+    """(B, N, p*p*C) -> (B, C, h*p, w*p); the inverse of patchify."""
+    B, N, P = x.shape
+    C = P // (p * p)
+    x = x.reshape(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(B, C, h * p, w * p)
+
+
+def gather_tokens(x, idx):
+    """Pick tokens per image: x (B, N, D), idx (B, M) -> (B, M, D)."""
+    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def random_subset(B, N, M, device):
+    """M of N indices per row, uniform without replacement (argsort of uniform noise).
+    Returns (chosen (B, M), rest (B, N - M))."""
+    order = torch.rand(B, N, device=device).argsort(dim=1)
+    return order[:, :M], order[:, M:]
+
+
+# ----------------------------------------------------------------------------- ViT
+
+def attention(q, k, v):
+    """Fused softmax(q k^T / sqrt(d)) v. In bf16 on a CPU the fused kernel's backward is about 4x
+    slower than in fp32 (torch 2.14, AMX), while the matmuls around it gain most from bf16: there
+    the attention alone runs in fp32 (measured: 1.85-2x faster training steps than all-fp32)."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def bf16_is_fast(device):
+    """Whether bf16 autocast pays on this device: CUDA with bf16 support, or a CPU with native
+    bf16 matmuls (AMX or AVX512-BF16); elsewhere bf16 is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch for a random subset of the batch."""
+
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty(x.shape[0], *(1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads, qkv_bias=True):
+        super().__init__()
+        assert dim % num_heads == 0, f"width {dim} not divisible by {num_heads} heads"
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)        # one matmul for q, k and v
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, return_attention=False):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        if return_attention:
+            # explicit path: the fused kernel never materialises the attention matrix
+            attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+            attn = attn.softmax(dim=-1)                          # (B, heads, N, N)
+            out = attn @ v
+        else:
+            out = attention(q, k, v)                              # (B, heads, N, D/heads)
+        out = self.proj(out.transpose(1, 2).reshape(B, N, D))
+        return (out, attn) if return_attention else out
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x, return_attention=False):
+        if return_attention:
+            y, attn = self.attn(self.norm1(x), return_attention=True)
+            x = x + y
+            return x + self.mlp(self.norm2(x)), attn
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, in_chans, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)            # (B, N, D)
+
+
+def init_weights(module):
+    """MAE's initialisation: xavier-uniform linears (the patch projection seen as one), zero
+    biases, unit LayerNorms."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class ViT(nn.Module):
+    """Vision Transformer encoder with a class token and a fixed sin-cos positional embedding.
+
+    forward_features(x) -> (B, 1 + N, D) normalised tokens; forward(x) -> head(pooled tokens).
+    embed() and encode() are the two halves of forward_features, so that MAE can drop tokens
+    between them.
+    """
+
+    def __init__(self, *, img_size, patch_size, embed_dim, depth, num_heads, in_chans=3,
+                 mlp_ratio=4.0, drop_path=0.0, num_classes=0, global_pool="token"):
+        super().__init__()
+        assert img_size % patch_size == 0, f"image size {img_size} not divisible by patch size {patch_size}"
+        assert global_pool in ("token", "avg")
+        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
+        self.embed_dim, self.depth, self.num_heads = embed_dim, depth, num_heads
+        self.grid = img_size // patch_size
+        self.global_pool = global_pool
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.register_buffer("pos_embed", sincos_pos_embed(embed_dim, self.grid, self.grid))
+        dpr = torch.linspace(0, drop_path, depth).tolist()           # deeper blocks drop more
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, dpr[i]) for i in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        init_weights(self)
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def config(self):
+        """The keyword arguments that rebuild this architecture (stored in checkpoints)."""
+        return dict(img_size=self.img_size, patch_size=self.patch_size, in_chans=self.in_chans,
+                    embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads)
+
+    def embed(self, x):
+        """(B, C, H, W) images -> (B, N, D) patch tokens with their positions added."""
+        return self.patch_embed(x) + self.pos_embed[:, 1:]
+
+    def encode(self, tokens):
+        """(B, n, D) position-embedded tokens (all or a subset) -> (B, 1 + n, D)."""
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
+        x = torch.cat([cls, tokens], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def forward_features(self, x):
+        return self.encode(self.embed(x))
+
+    def pool(self, z, how=None):
+        """Class token ('token') or mean of the patch tokens ('avg') of (B, 1 + N, D) tokens."""
+        return z[:, 0] if (how or self.global_pool) == "token" else z[:, 1:].mean(dim=1)
+
+    def forward(self, x):
+        return self.head(self.pool(self.forward_features(x)))
+
+    @torch.no_grad()
+    def get_last_selfattention(self, x):
+        """Attention of the last block, (B, heads, 1 + N, 1 + N), through the explicit path."""
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, self.embed(x)], dim=1)
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        return self.blocks[-1](x, return_attention=True)[1]
+
+
+# ----------------------------------------------------------------------------- EMA
+
+class EMA(nn.Module):
+    """Exponential moving average of a module: theta_ema <- m * theta_ema + (1 - m) * theta.
+
+    Serves as the DS-MAE teacher. The copy never takes gradients and always runs in eval mode
+    (no drop path); the update is one multi-tensor lerp over all parameters.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.module = copy.deepcopy(model).requires_grad_(False).eval()
+
+    def train(self, mode=True):
+        return super().train(False)
+
+    @torch.no_grad()
+    def update(self, model, momentum):
+        torch._foreach_lerp_(list(self.module.parameters()), list(model.parameters()), 1.0 - momentum)
+        buffers = list(self.module.buffers())
+        if buffers:
+            torch._foreach_copy_(buffers, list(model.buffers()))
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def ema_momentum(step, total_steps, start=0.96, end=0.99):
+    """Cosine schedule of the EMA momentum: start at step 0, end at total_steps."""
+    t = min(step / max(total_steps, 1), 1.0)
+    return end - (end - start) * (math.cos(math.pi * t) + 1) / 2
+
+
+# ----------------------------------------------------------------------------- losses
+
+def pixel_loss(pred, target, norm_pix=False):
+    """MSE between predicted and true patches, both (B, M, P), averaged over every element.
+    norm_pix: MAE's target, each patch normalised by its own mean and variance."""
+    target = target.float()
+    if norm_pix:
+        mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6).sqrt()
+    return (pred.float() - target).pow(2).mean()
+
+
+def cosine_loss(pred, target, per_token=False):
+    """1 - cos(pred, target) for (B, M, D) tokens, averaged over images.
+
+    Default: DS-MAE's Eq. 2 as written, one cosine per image over the concatenated features
+    of its M tokens. per_token=True: the mean of M token-wise cosines instead.
+    """
+    pred, target = pred.float(), target.float()
+    if per_token:
+        return 1 - F.cosine_similarity(pred, target, dim=-1).mean()
+    return 1 - F.cosine_similarity(pred.flatten(1), target.flatten(1), dim=-1).mean()
+
+
+# ----------------------------------------------------------------------------- MAE
+
+class Decoder(nn.Module):
+    """Narrow transformer from encoder tokens to pixels: project, add positions, blocks, linear.
+    Heads have width 32, as in MAE's decoder (512 / 16)."""
+
+    def __init__(self, encoder_dim, grid, patch_pixels, dim=256, depth=4):
+        super().__init__()
+        self.decoder_embed = nn.Linear(encoder_dim, dim)
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed(dim, grid, grid))
+        self.decoder_blocks = nn.ModuleList(Block(dim, max(dim // 32, 1)) for _ in range(depth))
+        self.decoder_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(dim, patch_pixels)
+        init_weights(self)
+
+    def forward(self, x, pos=None):
+        """x (B, n, dim) projected tokens; pos (B, n) patch indices, or None when x already
+        holds the class token and every patch in order."""
+        if pos is None:
+            x = x + self.decoder_pos_embed
+        else:
+            x = x + gather_tokens(self.decoder_pos_embed[:, 1:].expand(x.shape[0], -1, -1), pos)
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))
+
+
+class MAE(nn.Module):
+    """Masked autoencoder (He et al. 2022): encode a random (1 - mask_ratio) of the patches,
+    decode all of them with mask tokens in the gaps, MSE on the masked ones."""
+
+    def __init__(self, encoder, *, decoder_dim=256, decoder_depth=4, mask_ratio=0.75, norm_pix=False):
+        super().__init__()
+        self.encoder = encoder
+        self.mask_ratio, self.norm_pix = mask_ratio, norm_pix
+        p, grid = encoder.patch_size, encoder.grid
+        self.num_masked = int(round(mask_ratio * grid * grid))
+        assert 0 < self.num_masked < grid * grid, f"mask ratio {mask_ratio} leaves nothing to encode or to predict"
+        self.decoder = Decoder(encoder.embed_dim, grid, p * p * encoder.in_chans, decoder_dim, decoder_depth)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, imgs):
+        enc, B = self.encoder, imgs.shape[0]
+        N = enc.grid ** 2
+        masked, visible = random_subset(B, N, self.num_masked, imgs.device)
+        z = enc.encode(gather_tokens(enc.embed(imgs), visible))            # (B, 1 + N - M, D)
+
+        # put the encoded tokens back in place, mask tokens everywhere else
+        x = self.decoder.decoder_embed(z)
+        Dd = x.shape[-1]
+        full = self.mask_token.to(x.dtype).expand(B, N, Dd).scatter(
+            1, visible.unsqueeze(-1).expand(-1, -1, Dd), x[:, 1:])
+        pred = self.decoder(torch.cat([x[:, :1], full], dim=1))[:, 1:]     # (B, N, P)
+        pred = gather_tokens(pred, masked)                                 # (B, M, P)
+        target = gather_tokens(patchify(imgs, enc.patch_size), masked)
+        loss = pixel_loss(pred, target, self.norm_pix)
+        corrupted = imgs * (1 - patch_mask_to_pixels(masked, enc.grid, enc.patch_size, B, imgs.device))
+        return loss, dict(loss_y=loss.detach(), pred=pred.detach(), idx=masked, input=corrupted)
+
+
+def patch_mask_to_pixels(idx, grid, p, B, device):
+    """(B, M) patch indices -> (B, 1, grid*p, grid*p) float mask, 1 on the selected patches."""
+    m = torch.zeros(B, grid * grid, device=device).scatter_(1, idx, 1.0)
+    m = m.view(B, 1, grid, 1, grid, 1).expand(-1, -1, -1, p, -1, p)
+    return m.reshape(B, 1, grid * p, grid * p)
+
+
+# ----------------------------------------------------------------------------- DS-MAE
+
+class DSMAE(nn.Module):
+    """Denoising self-distillation masked autoencoder (Xu & Stirenko 2023).
+
+    The student encoder sees every patch, with Gaussian noise on a random noise_ratio of them.
+    Only the tokens of the noised patches go on, to
+      - the decoder, which predicts their clean pixels (L_y, Eq. 1), and
+      - the regressor (2 blocks), which predicts the tokens an EMA teacher computes from the
+        clean image at the same patches (L_z, Eq. 2).
+    L = lam * L_y + (1 - lam) * L_z. With lam = 1 there is no teacher and no regressor, with
+    lam = 0 no decoder: the branches are not built, so they cannot cost time or memory.
+    The regressor gets no extra positional embedding: its input tokens already carry one.
+    """
+
+    def __init__(self, encoder, *, decoder_dim=256, decoder_depth=4, regressor_depth=2,
+                 noise_ratio=0.9, noise_std=1.0, noise_mode="add", lam=0.6, norm_pix=False,
+                 per_token_cos=False):
+        super().__init__()
+        assert 0.0 <= lam <= 1.0 and noise_mode in ("add", "replace")
+        self.encoder = encoder
+        self.lam, self.noise_std, self.noise_mode = lam, noise_std, noise_mode
+        self.norm_pix, self.per_token_cos = norm_pix, per_token_cos
+        p, grid = encoder.patch_size, encoder.grid
+        self.num_noised = int(round(noise_ratio * grid * grid))
+        assert self.num_noised > 0, f"noise ratio {noise_ratio} noises no patch"
+        self.decoder = self.teacher = self.regressor = None
+        if lam > 0:
+            self.decoder = Decoder(encoder.embed_dim, grid, p * p * encoder.in_chans, decoder_dim, decoder_depth)
+        if lam < 1:
+            self.teacher = EMA(encoder)
+            D = encoder.embed_dim
+            self.regressor = nn.Sequential(*[Block(D, encoder.num_heads) for _ in range(regressor_depth)],
+                                           nn.LayerNorm(D, eps=1e-6))
+            init_weights(self.regressor)
+
+    def add_noise(self, imgs, idx):
+        """Noise on the patches idx (B, M) of imgs (B, C, H, W); other pixels stay bit-identical."""
+        enc = self.encoder
+        m = patch_mask_to_pixels(idx, enc.grid, enc.patch_size, imgs.shape[0], imgs.device).bool()
+        eps = torch.randn_like(imgs)
+        noisy = eps if self.noise_mode == "replace" else imgs + self.noise_std * eps
+        return torch.where(m, noisy, imgs)
+
+    def forward(self, imgs):
+        enc, B = self.encoder, imgs.shape[0]
+        idx, _ = random_subset(B, enc.grid ** 2, self.num_noised, imgs.device)
+        noisy = self.add_noise(imgs, idx)
+        zn = gather_tokens(enc.forward_features(noisy)[:, 1:], idx)        # (B, M, D) student
+        parts = dict(idx=idx, input=noisy)
+        loss_y = loss_z = 0.0
+        if self.decoder is not None:
+            pred = self.decoder(self.decoder.decoder_embed(zn), pos=idx)     # (B, M, P)
+            target = gather_tokens(patchify(imgs, enc.patch_size), idx)
+            loss_y = pixel_loss(pred, target, self.norm_pix)
+            parts.update(loss_y=loss_y.detach(), pred=pred.detach())
+        if self.teacher is not None:
+            with torch.no_grad():
+                zt = gather_tokens(self.teacher.module.forward_features(imgs)[:, 1:], idx)  # (B, M, D)
+            loss_z = cosine_loss(self.regressor(zn), zt, self.per_token_cos)
+            parts.update(loss_z=loss_z.detach())
+        loss = self.lam * loss_y + (1 - self.lam) * loss_z
+        return loss, parts
+
+    @torch.no_grad()
+    def update_teacher(self, momentum):
+        if self.teacher is not None:
+            self.teacher.update(self.encoder, momentum)
+
+
+# ----------------------------------------------------------------------------- k-NN
+
+@torch.no_grad()
+def knn_predict(train_feats, train_labels, test_feats, num_classes, k=20, T=0.07, chunk=512):
+    """Weighted k-NN on cosine similarity, as in DINO: each of the k nearest training samples
+    votes for its class with weight exp(similarity / T). Returns (n_test,) predicted labels."""
+    assert train_labels is not None and (train_labels >= 0).all(), "k-NN needs labelled training features"
+    train = F.normalize(train_feats.float(), dim=1)
+    test = F.normalize(test_feats.float(), dim=1)
+    k = min(k, train.shape[0])
+    preds = []
+    for i in range(0, test.shape[0], chunk):
+        sim, nn_idx = (test[i:i + chunk] @ train.T).topk(k, dim=1)           # (n, k)
+        votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
+        votes.scatter_add_(1, train_labels[nn_idx], (sim / T).exp())
+        preds.append(votes.argmax(dim=1))
+    return torch.cat(preds)
+
+
+# ----------------------------------------------------------------------------- named sizes
+
+MODELS = {
+    "vit_nano": dict(embed_dim=32, depth=2, num_heads=2),       # tests
+    "vit_micro": dict(embed_dim=96, depth=6, num_heads=3),      # CPU labs: learns in minutes
+    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+}

@@ -1,0 +1,224 @@
+"""ViT, MAE, DS-MAE, EMA, losses and k-NN, checked against hand computations."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import models
+from models import DSMAE, EMA, MAE, ViT, cosine_loss, ema_momentum, knn_predict, patchify, pixel_loss, unpatchify
+
+
+def vit(img=16, patch=4, **kw):
+    torch.manual_seed(0)
+    return ViT(img_size=img, patch_size=patch, **{**models.MODELS["vit_nano"], **kw})
+
+
+def test_patchify_round_trip_and_layout():
+    x = torch.randn(2, 3, 12, 8)
+    p = patchify(x, 4)
+    assert p.shape == (2, 6, 48)
+    assert torch.equal(unpatchify(p, 4, 3, 2), x)
+    # patch 1 is the top row's second patch; its first pixel is (row 0, col 4), channels last
+    assert torch.equal(p[0, 1, :3], x[0, :, 0, 4])
+    assert torch.equal(p[1, 2, 3:6], x[1, :, 4, 1])
+
+
+def test_vit_parameter_names_follow_timm():
+    keys = set(vit(num_classes=5).state_dict())
+    for k in ("patch_embed.proj.weight", "cls_token", "pos_embed", "blocks.0.norm1.weight",
+              "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.bias", "blocks.1.mlp.fc1.weight",
+              "blocks.1.mlp.fc2.bias", "blocks.1.norm2.weight", "norm.weight", "head.weight"):
+        assert k in keys, k
+
+
+def test_sincos_pos_embed():
+    e = models.sincos_pos_embed(16, 3, 5)
+    assert e.shape == (1, 16, 16)
+    assert torch.equal(e[0, 0], torch.zeros(16))                # class token
+    assert len({tuple(r.tolist()) for r in e[0, 1:]}) == 15      # every position distinct
+    # first half encodes the row: positions in one row share it
+    assert torch.equal(e[0, 1, :8], e[0, 5, :8]) and not torch.equal(e[0, 1, :8], e[0, 6, :8])
+
+
+def test_attention_paths_agree():
+    m = vit().eval()
+    x = torch.randn(2, 3, 16, 16)
+    tokens = torch.cat([m.cls_token.expand(2, -1, -1) + m.pos_embed[:, :1], m.embed(x)], dim=1)
+    blk = m.blocks[0]
+    fused = blk(tokens)
+    explicit, attn = blk(tokens, return_attention=True)
+    assert torch.allclose(fused, explicit, atol=1e-5)
+    assert torch.allclose(attn.sum(-1), torch.ones(2, 2, 17), atol=1e-5)
+    assert m.get_last_selfattention(x).shape == (2, 2, 17, 17)
+
+
+def test_dsmae_noises_exactly_round_r_n_patches():
+    torch.manual_seed(1)
+    m = DSMAE(vit(), decoder_dim=32, decoder_depth=1, noise_ratio=0.3)
+    x = torch.randn(4, 3, 16, 16)
+    _, parts = m(x)
+    changed = (patchify(parts["input"], 4) != patchify(x, 4)).any(-1)      # (B, N)
+    assert (changed.sum(1) == round(0.3 * 16)).all()
+    for b in range(4):
+        assert set(torch.nonzero(changed[b]).flatten().tolist()) == set(parts["idx"][b].tolist())
+    clean = ~changed.view(4, 1, 4, 1, 4, 1).expand(-1, 3, -1, 4, -1, 4).reshape(4, 3, 16, 16)
+    assert torch.equal(parts["input"][clean], x[clean])          # bit-identical outside the noise
+
+
+def test_dsmae_replace_mode_is_pure_noise():
+    torch.manual_seed(2)
+    m = DSMAE(vit(), decoder_dim=32, decoder_depth=1, noise_ratio=0.5, noise_mode="replace")
+    x = torch.full((2, 3, 16, 16), 100.0)
+    _, parts = m(x)
+    noised = patchify(parts["input"], 4)
+    picked = torch.gather(noised, 1, parts["idx"][..., None].expand(-1, -1, 48))
+    assert picked.abs().max() < 10                 # the patch content was replaced, not shifted
+    assert (noised == 100).all(-1).sum() == 2 * 8  # the other patches are untouched
+
+
+def test_mae_encoder_sees_exactly_the_unmasked_patches():
+    torch.manual_seed(3)
+    m = MAE(vit(), decoder_dim=32, decoder_depth=1, mask_ratio=0.75)
+    seen = {}
+    original = m.encoder.encode
+    m.encoder.encode = lambda t: (seen.__setitem__("tokens", t), original(t))[1]
+    x = torch.randn(3, 3, 16, 16)
+    _, parts = m(x)
+    masked = parts["idx"]
+    assert masked.shape == (3, 12) and seen["tokens"].shape == (3, 4, 32)
+    all_tokens = m.encoder.embed(x)
+    for b in range(3):
+        visible = sorted(set(range(16)) - set(masked[b].tolist()))
+        assert len(visible) == 4
+        got = {tuple(t.tolist()) for t in seen["tokens"][b].round(decimals=5)}
+        want = {tuple(t.tolist()) for t in all_tokens[b, visible].round(decimals=5)}
+        assert got == want
+
+
+def test_pixel_loss_by_hand():
+    pred, target = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    hand = sum((pred[b, m, j] - target[b, m, j]) ** 2 for b in range(2) for m in range(3) for j in range(4)) / 24
+    assert torch.allclose(pixel_loss(pred, target), hand)
+    t = target.clone()
+    for b in range(2):
+        for m in range(3):
+            mu, var = t[b, m].mean(), t[b, m].var()
+            t[b, m] = (t[b, m] - mu) / math.sqrt(var + 1e-6)
+    assert torch.allclose(pixel_loss(pred, target, norm_pix=True), ((pred - t) ** 2).mean())
+
+
+def test_cosine_loss_by_hand():
+    pred, target = torch.randn(3, 5, 4), torch.randn(3, 5, 4)
+    per_image = []
+    for b in range(3):                 # Eq. 2: one cosine over the concatenated token features
+        a, t = pred[b].flatten(), target[b].flatten()
+        per_image.append(1 - (a * t).sum() / (a.norm() * t.norm()))
+    assert torch.allclose(cosine_loss(pred, target), torch.stack(per_image).mean(), atol=1e-6)
+    per_token = [1 - (pred[b, m] @ target[b, m]) / (pred[b, m].norm() * target[b, m].norm())
+                 for b in range(3) for m in range(5)]
+    assert torch.allclose(cosine_loss(pred, target, per_token=True), torch.stack(per_token).mean(), atol=1e-6)
+    assert cosine_loss(pred, 2 * pred).abs() < 1e-6
+
+
+def test_ema_update_formula_and_schedule():
+    torch.manual_seed(4)
+    student = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = EMA(student)
+    before = [p.clone() for p in ema.module.parameters()]
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+    student.train()(torch.randn(8, 3))      # moves the BatchNorm running statistics
+    ema.update(student, 0.9)
+    for b, e, s in zip(before, ema.module.parameters(), student.parameters()):
+        assert torch.allclose(e, 0.9 * b + 0.1 * s, atol=1e-6)
+        assert not e.requires_grad
+    for eb, sb in zip(ema.module.buffers(), student.buffers()):
+        assert torch.equal(eb, sb)
+    ema.train()
+    assert not ema.module.training           # the teacher never switches to train mode
+    assert ema_momentum(0, 100) == pytest.approx(0.96)
+    assert ema_momentum(100, 100) == pytest.approx(0.99)
+    assert ema_momentum(50, 100) == pytest.approx(0.975)
+    assert all(ema_momentum(i, 100) <= ema_momentum(i + 1, 100) for i in range(100))
+
+
+def _grads(module):
+    return [p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters()]
+
+
+def test_lambda_one_has_no_teacher_or_regressor():
+    m = DSMAE(vit(), decoder_dim=32, decoder_depth=1, lam=1.0)
+    assert m.teacher is None and m.regressor is None
+    loss, parts = m(torch.randn(2, 3, 16, 16))
+    loss.backward()
+    assert "loss_z" not in parts and all(_grads(m.decoder)) and all(_grads(m.encoder.blocks))
+
+
+def test_lambda_zero_has_no_decoder():
+    m = DSMAE(vit(), decoder_dim=32, decoder_depth=1, lam=0.0)
+    assert m.decoder is None
+    loss, parts = m(torch.randn(2, 3, 16, 16))
+    loss.backward()
+    assert "loss_y" not in parts and "pred" not in parts
+    assert all(_grads(m.regressor)) and all(_grads(m.encoder.blocks))
+    assert all(p.grad is None for p in m.teacher.parameters())
+
+
+def test_both_branches_get_gradients_and_teacher_none():
+    m = DSMAE(vit(), decoder_dim=32, decoder_depth=1, lam=0.6)
+    loss, parts = m(torch.randn(2, 3, 16, 16))
+    loss.backward()
+    assert torch.allclose(loss, 0.6 * parts["loss_y"] + 0.4 * parts["loss_z"])
+    assert all(_grads(m.decoder)) and all(_grads(m.regressor))
+    assert all(p.grad is None for p in m.teacher.parameters())
+
+
+@pytest.mark.parametrize("method", ["dsmae", "mae"])
+def test_a_few_steps_lower_the_loss(method):
+    torch.manual_seed(5)
+    m = (DSMAE if method == "dsmae" else MAE)(vit(), decoder_dim=32, decoder_depth=1)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+    x = torch.randn(8, 3, 16, 16)
+
+    def loss_at_fixed_noise():
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return m(x)[0].item()
+
+    first = loss_at_fixed_noise()
+    for _ in range(30):
+        loss, _ = m(x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if method == "dsmae":
+            m.update_teacher(0.99)
+    assert loss_at_fixed_noise() < 0.8 * first
+
+
+def test_knn_known_answer():
+    train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [-1.0, 0.0]])
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    test = torch.tensor([[2.0, 0.1], [0.2, 3.0], [-5.0, 0.2]])
+    assert knn_predict(train, labels, test, 3, k=1).tolist() == [0, 1, 2]
+    # k=3: two close class-0 votes beat one class-1 vote; weights favour the nearer neighbours
+    assert knn_predict(train, labels, test, 3, k=3).tolist()[:2] == [0, 1]
+    with pytest.raises(AssertionError):
+        knn_predict(train, None, test, 3)
+
+
+@pytest.mark.parametrize("method", ["dsmae", "mae"])
+def test_bf16_autocast_computes_the_fp32_loss(method):
+    """The CPU fast path (bf16 autocast, attention in fp32) against fp32 on a fixed batch."""
+    torch.manual_seed(6)
+    m = (DSMAE if method == "dsmae" else MAE)(vit(img=32, patch=4, **models.MODELS["vit_micro"]), decoder_dim=64)
+    x = torch.randn(16, 3, 32, 32)
+    torch.manual_seed(0)
+    fp32, parts32 = m(x)
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16, parts16 = m(x)
+    assert torch.equal(parts32["idx"], parts16["idx"])
+    assert bf16.item() == pytest.approx(fp32.item(), rel=1e-2)     # bf16 keeps ~3 significant digits

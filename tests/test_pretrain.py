@@ -1,0 +1,114 @@
+"""pretrain.py end to end on tiny models: outputs, exact resume, DDP equivalence, bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pretrain
+from models import MODELS, ViT
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--dataset", "synthetic", "--model", "vit_nano", "--img-size", "16", "--patch-size", "4",
+        "--batch-size", "8", "--decoder-dim", "32", "--decoder-depth", "1", "--device", "cpu",
+        "--no-compile", "--knn-samples", "100", "--epochs", "2", "--warmup-epochs", "0.01", "--blr", "0.03"]
+# no randomness left: full-image crops, noise of std 0 on every patch; the run still goes through
+# every branch (student, teacher, decoder, regressor, EMA), so only arithmetic can differ, and
+# fp32 keeps that difference at rounding level
+DETERMINISTIC = ["--no-aug", "--noise-std", "0", "--noise-ratio", "1.0", "--precision", "fp32"]
+
+
+def run(tmp_path, *extra):
+    return pretrain.main(pretrain.get_args(TINY + ["--output-dir", str(tmp_path)] + list(extra)))
+
+
+def weights(path):
+    return torch.load(os.path.join(path, "ckpt.pt"), map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("method", ["dsmae", "mae"])
+def test_smoke_run_writes_everything(tmp_path, method):
+    res = run(tmp_path, "--method", method, "--max-steps", "3")
+    assert res["step"] == 3 and 0 <= res["knn_cls"] <= 100
+    files = set(os.listdir(tmp_path))
+    assert {"ckpt.pt", "args.json", "log.jsonl"} <= files and any(f.startswith("recon_") for f in files)
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert log[-1]["step"] == 3 and log[-1]["img_per_s"] > 0
+    if method == "dsmae":
+        assert log[-1]["loss"] == pytest.approx(0.6 * log[-1]["loss_y"] + 0.4 * log[-1]["loss_z"], rel=1e-4)
+    ckpt = weights(tmp_path)                                     # weights_only=True: plain tensors and values
+    assert ckpt["step"] == 3 and ckpt["args"]["method"] == method
+    enc = ViT(**ckpt["encoder_config"])
+    enc.load_state_dict(ckpt["encoder"])                         # strict
+    if method == "dsmae":
+        enc.load_state_dict(ckpt["teacher"])
+        assert not torch.equal(ckpt["teacher"]["blocks.0.attn.qkv.weight"], ckpt["encoder"]["blocks.0.attn.qkv.weight"])
+    else:
+        assert "teacher" not in ckpt
+
+
+def test_default_command_runs_without_files(tmp_path):
+    res = pretrain.main(pretrain.get_args(["--max-steps", "1", "--knn-samples", "200", "--device", "cpu",
+                                           "--output-dir", str(tmp_path)]))
+    assert res["step"] == 1 and weights(tmp_path)["args"]["model"] == "vit_micro"
+
+
+def test_resume_after_interruption_is_exact(tmp_path):
+    run(tmp_path / "a", "--max-steps", "3")                      # "killed" mid-epoch at step 3
+    run(tmp_path / "a", "--max-steps", "6")                      # picks up ckpt.pt by itself
+    run(tmp_path / "b", "--max-steps", "6")
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert a["step"] == b["step"] == 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert torch.equal(a["opt"]["state"][0]["exp_avg_sq"], b["opt"]["state"][0]["exp_avg_sq"])
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+    run(tmp_path / "a", "--max-steps", "3", *DETERMINISTIC)
+    run(tmp_path / "b", "--max-steps", "3", "--batch-size", "4", "--accum-iter", "2", *DETERMINISTIC)
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=2e-5), k
+
+
+def test_two_process_ddp_equals_one_process(tmp_path):
+    args = TINY + DETERMINISTIC + ["--max-steps", "3", "--knn-samples", "20"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    os.path.join(ROOT, "pretrain.py"), *args, "--output-dir", str(tmp_path / "ddp")],
+                   check=True, env=env, cwd=ROOT, capture_output=True, timeout=300)
+    pretrain.main(pretrain.get_args(args + ["--output-dir", str(tmp_path / "one")]))
+    a, b = weights(tmp_path / "ddp"), weights(tmp_path / "one")
+    assert a["step"] == b["step"] == 3
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=2e-5), k
+    torch.manual_seed(0)                 # the weights moved from their initial values: not vacuous
+    init = ViT(img_size=16, patch_size=4, **MODELS["vit_nano"]).state_dict()
+    assert (a["encoder"]["blocks.0.mlp.fc1.weight"] - init["blocks.0.mlp.fc1.weight"]).abs().max() > 1e-4
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
+    run(tmp_path, "--max-steps", "2")
+    before = open(tmp_path / "ckpt.pt", "rb").read()
+    with pytest.raises(SystemExit, match="loss is nan"):
+        run(tmp_path, "--max-steps", "20", "--log-every", "1", "--noise-std", "inf")
+    assert open(tmp_path / "ckpt.pt", "rb").read() == before
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--img-size", "18"], "not divisible by --patch-size"),
+    (["--dataset", "cifar10", "--data-dir", "/nonexistent"], "--download"),
+    (["--batch-size", "100000"], "fewer than one step"),
+])
+def test_bad_settings_fail_before_training(tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        run(tmp_path, *extra)
+    assert not os.path.exists(tmp_path / "ckpt.pt")
+
+
+def test_unknown_dataset_is_an_argument_error():
+    with pytest.raises(SystemExit):
+        pretrain.get_args(["--dataset", "imagenet"])
