@@ -66,6 +66,14 @@ def random_subset(B, N, M, device):
     return order[:, :M], order[:, M:]
 
 
+def patch_mask_to_pixels(idx, grid, p, B, device):
+    """(B, M) patch indices -> (B, 1, grid*p, grid*p) float mask, 1 on the selected patches."""
+    m = torch.zeros(B, grid * grid, device=device).scatter_(1, idx, 1.0)
+    m = m.view(B, 1, grid, 1, grid, 1).expand(-1, -1, -1, p, -1, p)
+    return m.reshape(B, 1, grid * p, grid * p)
+
+
+
 # ----------------------------------------------------------------------------- ViT
 
 def attention(q, k, v):
@@ -361,13 +369,6 @@ class MAE(nn.Module):
         return loss, dict(loss_y=loss.detach(), pred=pred.detach(), idx=masked, input=corrupted)
 
 
-def patch_mask_to_pixels(idx, grid, p, B, device):
-    """(B, M) patch indices -> (B, 1, grid*p, grid*p) float mask, 1 on the selected patches."""
-    m = torch.zeros(B, grid * grid, device=device).scatter_(1, idx, 1.0)
-    m = m.view(B, 1, grid, 1, grid, 1).expand(-1, -1, -1, p, -1, p)
-    return m.reshape(B, 1, grid * p, grid * p)
-
-
 # ----------------------------------------------------------------------------- DS-MAE
 
 class DSMAE(nn.Module):
@@ -438,7 +439,18 @@ class DSMAE(nn.Module):
             self.teacher.update(self.encoder, momentum)
 
 
-# ----------------------------------------------------------------------------- k-NN
+# ----------------------------------------------------------------------------- named sizes
+
+MODELS = {
+    "vit_nano": dict(embed_dim=32, depth=2, num_heads=2),       # tests
+    "vit_micro": dict(embed_dim=96, depth=6, num_heads=3),      # CPU labs: learns in minutes
+    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+}
+
+
+# ----------------------------------------------------------------------------- evaluation: load, features, k-NN
 
 @torch.no_grad()
 def knn_predict(train_feats, train_labels, test_feats, num_classes, k=20, T=0.07, chunk=512):
@@ -457,12 +469,71 @@ def knn_predict(train_feats, train_labels, test_feats, num_classes, k=20, T=0.07
     return torch.cat(preds)
 
 
-# ----------------------------------------------------------------------------- named sizes
+def load_encoder(path=None, key="teacher", *, model=None, img_size=None, patch_size=None, in_chans=None,
+                 drop_path=0.0, num_classes=0, global_pool="token"):
+    """The ViT to evaluate: from a pretrain.py checkpoint (key 'teacher': the EMA encoder, or
+    'student'), or freshly initialised from MODELS[model] when path is None (the scratch baseline).
 
-MODELS = {
-    "vit_nano": dict(embed_dim=32, depth=2, num_heads=2),       # tests
-    "vit_micro": dict(embed_dim=96, depth=6, num_heads=3),      # CPU labs: learns in minutes
-    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
-    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
-    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
-}
+    Arguments left None come from the checkpoint; given ones must agree with it, except the
+    image size: a new size keeps the patch size and changes the grid, and the fixed sin-cos
+    positional embedding is rebuilt for it (any other table is interpolated bicubically), with a
+    warning. Keys are matched strictly. The head is a new Linear(num_classes), or none when 0.
+    """
+    import warnings
+    if path is None:
+        return ViT(img_size=img_size, patch_size=patch_size, in_chans=in_chans or 3, drop_path=drop_path,
+                   num_classes=num_classes, global_pool=global_pool, **MODELS[model])
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if "encoder_config" not in ckpt:
+        raise ValueError(f"{path} is not a pretrain.py checkpoint (no encoder_config)")
+    cfg = dict(ckpt["encoder_config"])
+    dims = {k: cfg[k] for k in ("embed_dim", "depth", "num_heads")}
+    if model is not None and MODELS[model] != dims:
+        raise ValueError(f"{path} holds a {dims} encoder, not {model} {MODELS[model]}")
+    for name, value in (("patch_size", patch_size), ("in_chans", in_chans)):
+        if value is not None and value != cfg[name]:
+            raise ValueError(f"{path} was pretrained with {name} {cfg[name]}, not {value}")
+    state = ckpt.get("encoder" if key == "student" else "teacher")
+    if state is None:
+        raise ValueError(f"{path} has no {key} encoder (MAE checkpoints have only the student)")
+    grid_old = cfg["img_size"] // cfg["patch_size"]
+    cfg["img_size"] = img_size or cfg["img_size"]
+    enc = ViT(**cfg, drop_path=drop_path, global_pool=global_pool)
+    state = dict(state)
+    if enc.grid != grid_old:
+        old, g = state["pos_embed"], grid_old
+        warnings.warn(f"positional embedding: grid {g}x{g} in {path}, {enc.grid}x{enc.grid} here")
+        if torch.allclose(old, sincos_pos_embed(old.shape[-1], g, g), atol=1e-6):
+            state["pos_embed"] = enc.pos_embed.clone()
+        else:
+            table = old[:, 1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
+            table = F.interpolate(table, size=(enc.grid, enc.grid), mode="bicubic", align_corners=False)
+            state["pos_embed"] = torch.cat([old[:, :1], table.flatten(2).transpose(1, 2)], dim=1)
+    enc.load_state_dict(state)                                   # strict: a mismatch fails loudly
+    if num_classes:
+        enc.head = nn.Linear(enc.embed_dim, num_classes)
+    return enc
+
+
+def per_class_accuracy(pred, y, num_classes):
+    """(num_classes,) fraction of each class's samples predicted right (nan for absent classes)."""
+    hit = torch.zeros(num_classes, device=y.device).index_add_(0, y, (pred == y).float())
+    count = torch.bincount(y, minlength=num_classes).float()
+    return hit / count
+
+
+@torch.no_grad()
+def extract_features(encoder, images, transform, batch_size=256, device="cpu", amp=None):
+    """Class token and mean of the patch tokens, (n, D) each, for uint8 images (n, C, H, W) put
+    through transform (uint8 batch on device -> normalised float batch), in eval mode."""
+    was_training = encoder.training
+    encoder.eval()
+    cls, avg = [], []
+    for i in range(0, len(images), batch_size):
+        x = transform(images[i:i + batch_size].to(device))
+        with amp if amp is not None else torch.autocast(x.device.type, enabled=False):
+            z = encoder.forward_features(x)
+        cls.append(z[:, 0].float())
+        avg.append(z[:, 1:].float().mean(dim=1))
+    encoder.train(was_training)
+    return torch.cat(cls), torch.cat(avg)

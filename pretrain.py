@@ -22,7 +22,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from models import DSMAE, MAE, MODELS, ViT, bf16_is_fast, ema_momentum, knn_predict, patchify, unpatchify
+from models import (DSMAE, MAE, MODELS, ViT, bf16_is_fast, ema_momentum, extract_features, knn_predict, patchify,
+                    unpatchify)
 
 # the paper's Table 1 for CIFAR and STL-10 (its batch 2048; 1024 for ViT-B on STL-10); small
 # enough for a laptop CPU for synthetic
@@ -122,27 +123,16 @@ def save_checkpoint(state, path):
     os.replace(path + ".tmp", path)
 
 
-@torch.no_grad()
-def knn_accuracy(encoder, train, test, img_size, device, amp, n_max, batch_size=256):
+def knn_accuracy(encoder, train, test, img_size, device, amp, n_max):
     """k-NN (k=20, cosine, DINO's weighted votes) top-1 of the class token and of the mean of the
     patch tokens, from evenly spaced subsets of at most n_max labelled images per split."""
-    was_training = encoder.training
-    encoder.eval()
+    transform = lambda x: data.preprocess(x, img_size, train.mean, train.std)
     feats = []
     for ds in (train, test):
         keep = torch.linspace(0, len(ds) - 1, min(n_max, len(ds))).long()
-        cls, avg = [], []
-        for i in range(0, len(keep), batch_size):
-            x = data.preprocess(ds.x[keep[i:i + batch_size]].to(device), img_size, train.mean, train.std)
-            with amp:
-                z = encoder.forward_features(x)
-            cls.append(z[:, 0].float())
-            avg.append(z[:, 1:].float().mean(dim=1))
-        feats.append((torch.cat(cls), torch.cat(avg), ds.y[keep].to(device)))
-    encoder.train(was_training)
+        feats.append((*extract_features(encoder, ds.x[keep], transform, device=device, amp=amp), ds.y[keep].to(device)))
     (tr_cls, tr_avg, tr_y), (te_cls, te_avg, te_y) = feats
-    n_cls = len(train.classes)
-    acc = lambda a, b: (knn_predict(a, tr_y, b, n_cls) == te_y).float().mean().item() * 100
+    acc = lambda a, b: (knn_predict(a, tr_y, b, len(train.classes)) == te_y).float().mean().item() * 100
     return dict(knn_cls=acc(tr_cls, te_cls), knn_mean=acc(tr_avg, te_avg))
 
 
