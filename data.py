@@ -12,9 +12,12 @@ Sources, each read from its real on-disk format:
   stl10      stl10_binary/*.bin; splits train, test, unlabeled, train+unlabeled
   npz        one .npz: x (N, H, W, C) uint8, optional y, class_names, x_test/y_test
   folder     one subfolder of images per class (optionally under train/ and test/)
+  dicom      chest X-rays: a folder of .dcm files (or PNG/JPEG exports), a labels CSV, lung masks
+             (see add_data_args); decoded once and cached as uint8
 Unlabelled images (STL-10 unlabeled, an npz without y) have y = None, so that nothing can
 train a classifier or a k-NN on them by accident.
 """
+import argparse
 import os
 import pickle
 from concurrent.futures import ThreadPoolExecutor
@@ -33,12 +36,14 @@ class ImageSet:
     classes: list              # class names, index = label
     mean: tuple                # per-channel statistics of the training split, in [0, 1]
     std: tuple
+    masks: torch.Tensor | None = None   # (N, 1, H, W) uint8, 1 = lung (dicom with --masks)
+    ids: list | None = None             # image ids (dicom), for reports such as cam.py's
 
     def __len__(self):
         return self.x.shape[0]
 
 
-DATASETS = ("synthetic", "cifar10", "cifar100", "stl10", "npz", "folder")
+DATASETS = ("synthetic", "cifar10", "cifar100", "stl10", "npz", "folder", "dicom")
 STATS = {  # published per-channel statistics of the training splits
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
@@ -47,9 +52,15 @@ STATS = {  # published per-channel statistics of the training splits
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def build_dataset(name, split="train", data_dir="data", img_size=32, download=False, seed=0, num_workers=4):
+def build_dataset(name, split="train", data_dir="data", img_size=32, download=False, seed=0, num_workers=4,
+                  variant="full", **xray):
     """One split of one dataset as an ImageSet. Raises FileNotFoundError naming the place it
-    looked and what to run when the files are missing."""
+    looked and what to run when the files are missing. `xray` holds the dicom options
+    (data_options(args)); `variant` other than full needs lung masks."""
+    if name == "dicom":
+        return load_xray(data_dir, split, img_size, seed=seed, num_workers=num_workers, variant=variant, **xray)
+    if variant != "full":
+        raise ValueError(f"--variant {variant} needs lung masks: only --dataset dicom with --masks has them")
     if name == "synthetic":
         return synthetic_shapes(split, img_size, seed)
     if name in ("cifar10", "cifar100"):
@@ -288,6 +299,326 @@ def load_folder(root, split, img_size, num_workers=4):
     train = holdout_split(y, len(x), "train")
     keep = train if split == "train" else holdout_split(y, len(x), "test")
     return ImageSet(x[keep], y[keep], classes, *channel_stats(x[train]))
+
+
+# ----------------------------------------------------------------------------- chest X-rays
+
+VARIANTS = ("full", "seg-black", "seg-gray")
+XRAY_CACHE_VERSION = 1
+# what decodes each compressed transfer syntax when pydicom's own handlers cannot
+DECODERS = {
+    "1.2.840.10008.1.2.4.50": "pillow or pylibjpeg-libjpeg", "1.2.840.10008.1.2.4.51": "pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.57": "pylibjpeg-libjpeg", "1.2.840.10008.1.2.4.70": "pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.80": "pyjpegls or pylibjpeg-libjpeg", "1.2.840.10008.1.2.4.81": "pyjpegls or pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.90": "pillow (with OpenJPEG) or pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.91": "pillow (with OpenJPEG) or pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.201": "pylibjpeg-openjpeg", "1.2.840.10008.1.2.4.202": "pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.203": "pylibjpeg-openjpeg", "1.2.840.10008.1.2.5": "pylibjpeg-rle",
+}
+
+
+def add_data_args(p):
+    """The chest X-ray flags, spelled the same in every script (used with --dataset dicom)."""
+    g = p.add_argument_group("chest X-rays (--dataset dicom; --data-dir is a folder of .dcm, searched recursively)")
+    g.add_argument("--labels", default=None, help="CSV with an image id column and a label column (and optionally "
+                   "a split column: train/val/test); without it the images are unlabelled (pretraining only)")
+    g.add_argument("--id-column", default="id", help="CSV column naming the image: its file name without extension")
+    g.add_argument("--label-column", default="label")
+    g.add_argument("--split-column", default="split", help="used when the CSV has it; otherwise a seeded split "
+                   "stratified by class with --split-fractions")
+    g.add_argument("--split-fractions", default="0.7,0.1,0.2", help="train,val,test")
+    g.add_argument("--classes", default=None, help="comma-separated labels to keep (the thesis dropped two rare ones)")
+    g.add_argument("--masks", default=None, help="folder of <id>.png lung masks, any nonzero pixel is lung")
+    g.add_argument("--variant", default="full", choices=VARIANTS, help="full image, lungs on black, or lungs on "
+                   "the full images' mean gray (needs --masks)")
+    g.add_argument("--channels", type=int, default=1, choices=[1, 3], help="1 grey channel, or replicated to 3 "
+                   "(for encoders pretrained on colour images)")
+    g.add_argument("--window-percentile", type=float, default=0.5, help="when a DICOM has no VOI LUT or window: "
+                   "window from this percentile to 100 minus it (0: min to max)")
+    g.add_argument("--keep-aspect", action=argparse.BooleanOptionalAction, default=True,
+                   help="fit the longer side and pad with black, instead of stretching to a square")
+    g.add_argument("--cache-dir", default=None, help="where the decoded uint8 cache goes (default: "
+                   "<data-dir>/.xray_cache, or ~/.cache/dsmae when that is not writable)")
+    g.add_argument("--skip-bad", action="store_true", help="log unreadable files (and images without a label or "
+                   "mask) to bad_files.txt in the cache dir and go on, instead of stopping at the first")
+    return p
+
+
+def data_options(args):
+    """The keyword arguments build_dataset takes from add_data_args' flags."""
+    return dict(labels=args.labels, id_column=args.id_column, label_column=args.label_column,
+                split_column=args.split_column, split_fractions=tuple(float(f) for f in args.split_fractions.split(",")),
+                classes=args.classes.split(",") if args.classes else None, masks=args.masks, variant=args.variant,
+                channels=args.channels, window_percentile=args.window_percentile, keep_aspect=args.keep_aspect,
+                cache_dir=args.cache_dir, skip_bad=args.skip_bad)
+
+
+def window(x, center, width, function="LINEAR"):
+    """DICOM VOI windowing (PS3.3 C.11.2.1.2) of modality values to [0, 1]."""
+    if function == "SIGMOID":
+        return 1 / (1 + np.exp(-4 * (x - center) / width))
+    if function == "LINEAR_EXACT":
+        return np.clip((x - center) / width + 0.5, 0, 1)
+    return np.clip((x - (center - 0.5)) / max(width - 1, 1e-6) + 0.5, 0, 1)
+
+
+def read_dicom(path, window_percentile=0.5):
+    """One radiograph as float32 (H, W) in [0, 1], 0 = black as displayed, in the standard order:
+    modality LUT (rescale slope/intercept), VOI LUT or window (else a percentile window), then
+    MONOCHROME1 / INVERSE inversion. Raises ValueError naming the file when it cannot."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable DICOM file ({type(e).__name__}: {e})") from e
+    if "PixelData" not in ds:
+        raise ValueError(f"{path}: no pixel data ({getattr(ds, 'SOPClassUID', 'unknown SOP class')!s}): not an image")
+    if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+        raise ValueError(f"{path}: multi-frame object ({ds.NumberOfFrames} frames); one radiograph per file expected")
+    ts = ds.file_meta.get("TransferSyntaxUID", None)
+    try:
+        arr = ds.pixel_array      # native data masked to BitsStored and sign-extended by pydicom
+    except Exception as e:
+        if ts is not None and ts.is_compressed:
+            raise ValueError(f"{path}: cannot decode transfer syntax {ts.name} ({ts}): install "
+                             f"{DECODERS.get(str(ts), 'pylibjpeg with its plugins, or gdcm')} "
+                             f"({type(e).__name__}: {e})") from e
+        raise ValueError(f"{path}: pixel data unreadable ({type(e).__name__}: {e})") from e
+    if arr.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 3:   # colour secondary capture: luminance
+        return (arr.astype(np.float32).mean(-1) / (2 ** int(ds.BitsStored) - 1)).clip(0, 1)
+    if arr.ndim != 2:
+        raise ValueError(f"{path}: expected one 2-D grey image, got pixel array of shape {arr.shape}")
+    x = apply_modality_lut(arr, ds).astype(np.float64)
+    if "VOILUTSequence" in ds:                                     # a LUT wins over a window, as in pydicom
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        x = apply_voi(arr if "ModalityLUTSequence" in ds else x, ds).astype(np.float64) / (2 ** bits - 1)
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        first = lambda v: float(v[0] if isinstance(v, pydicom.multival.MultiValue) else v)
+        x = window(x, first(ds.WindowCenter), first(ds.WindowWidth), str(ds.get("VOILUTFunction", "LINEAR")).upper())
+    else:
+        lo, hi = np.percentile(x, (window_percentile, 100 - window_percentile))
+        x = np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1)
+    # the DX standard pairs MONOCHROME1 with PresentationLUTShape INVERSE: one inversion, not two
+    if ds.get("PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1" or ds.get("PresentationLUTShape") == "INVERSE":
+        x = 1 - x
+    return x.astype(np.float32)
+
+
+def read_radiograph(path, window_percentile=0.5):
+    """A DICOM (by its DICM magic or extension) or an exported PNG/JPEG, as float32 (H, W) in [0, 1]."""
+    if path.lower().endswith(IMAGE_EXTENSIONS):
+        from PIL import Image
+        try:
+            with Image.open(path) as im:
+                return np.asarray(im.convert("L"), dtype=np.float32) / 255
+        except Exception as e:
+            raise ValueError(f"{path}: unreadable image ({type(e).__name__}: {e})") from e
+    return read_dicom(path, window_percentile)
+
+
+def fit_square(img, size, keep_aspect=True, nearest=False):
+    """Resize a float (H, W) image in [0, 1] to (size, size) uint8: the longer side to size and
+    black padding around it (keep_aspect), or stretched. Masks use nearest-neighbour."""
+    from PIL import Image
+    h, w = img.shape
+    s = size / max(h, w) if keep_aspect else None
+    nw, nh = (max(1, round(w * s)), max(1, round(h * s))) if keep_aspect else (size, size)
+    if (nh, nw) != (h, w):
+        img = np.asarray(Image.fromarray(img.astype(np.float32), mode="F").resize(
+            (nw, nh), Image.NEAREST if nearest else Image.BICUBIC, reducing_gap=None if nearest else 3.0))
+    out = np.zeros((size, size), np.uint8)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    out[top:top + nh, left:left + nw] = np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
+    return out
+
+
+def _is_xray_file(path):
+    if path.lower().endswith((".dcm", ".dicom") + IMAGE_EXTENSIONS):
+        return True
+    if "." in os.path.basename(path):
+        return False
+    with open(path, "rb") as f:                       # extension-less DICOMs: the DICM magic at 128
+        return f.read(132)[128:] == b"DICM"
+
+
+def _mask_path(masks, i):
+    for ext in (".png", ".PNG", ".jpg", ".bmp", ".tif"):
+        if os.path.isfile(os.path.join(masks, i + ext)):
+            return os.path.join(masks, i + ext)
+    return None
+
+
+def decode_xrays(root, img_size, masks=None, keep_aspect=True, window_percentile=0.5, cache_dir=None,
+                 skip_bad=False, num_workers=4):
+    """Decode every radiograph under root (and its mask) once, cached as uint8 in one .npz keyed by
+    the files' names, sizes and times and the settings: a changed file or setting rebuilds it.
+    Returns dict(x (N, S, S) uint8, masks (N, S, S) uint8 0/1 or None, ids, bad [(path, why)])."""
+    import hashlib
+    from tqdm import tqdm
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"dicom dataset not found: {root} is not a directory. Point --data-dir at a "
+                                f"folder of .dcm files (searched recursively).")
+    skip = [os.path.abspath(p) for p in (masks, cache_dir, os.path.join(root, ".xray_cache")) if p]
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root)       # the masks are not radiographs
+                   if not any(os.path.abspath(d).startswith(s) for s in skip)
+                   for f in fs if _is_xray_file(os.path.join(d, f)))
+    if not files:
+        raise FileNotFoundError(f"no .dcm (or .png/.jpg) files under {root}")
+    ids = [os.path.splitext(os.path.basename(f))[0] for f in files]
+    if len(set(ids)) < len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[0]
+        raise ValueError(f"two files under {root} are both named {dup!r}: image ids are file names without "
+                         f"extension and must be unique")
+    mask_files = [_mask_path(masks, i) for i in ids] if masks else [None] * len(ids)
+    if masks and not os.path.isdir(masks):
+        raise FileNotFoundError(f"--masks {masks} is not a directory")
+    h = hashlib.sha1(repr((XRAY_CACHE_VERSION, img_size, keep_aspect, window_percentile, bool(masks))).encode())
+    for f in files + [m for m in mask_files if m]:
+        st = os.stat(f)
+        h.update(f"{os.path.relpath(f, root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    cache_dir = cache_dir or os.path.join(root, ".xray_cache")
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        if not os.access(cache_dir, os.W_OK):
+            raise PermissionError(cache_dir)
+    except OSError:
+        cache_dir = os.path.join(os.path.expanduser("~/.cache/dsmae"), hashlib.sha1(root.encode()).hexdigest()[:12])
+        os.makedirs(cache_dir, exist_ok=True)
+    cache = os.path.join(cache_dir, f"xray_{img_size}px_{h.hexdigest()[:16]}.npz")
+    if os.path.exists(cache):
+        d = np.load(cache)
+        bad = [tuple(b.split("\t", 1)) for b in d["bad"].tolist()]
+        if bad and not skip_bad:
+            raise ValueError(f"{bad[0][0]}: {bad[0][1]} (cached; --skip-bad to go on without it)")
+        return dict(x=d["x"], masks=d["masks"] if masks else None, ids=d["ids"].tolist(), bad=bad)
+
+    def one(k):
+        try:
+            img = fit_square(read_radiograph(files[k], window_percentile), img_size, keep_aspect)
+        except ValueError as e:
+            return None, None, str(e).removeprefix(files[k] + ": ")
+        if not mask_files[k]:
+            return img, None, None
+        from PIL import Image
+        with Image.open(mask_files[k]) as m:
+            m = (np.asarray(m.convert("L")) > 0).astype(np.float32)
+        return img, (fit_square(m, img_size, keep_aspect, nearest=True) > 0).astype(np.uint8), None
+
+    x, m, keep, bad = [], [], [], []
+    with ThreadPoolExecutor(max(num_workers, 1)) as pool:    # pydicom's JPEG 2000 decoders release the GIL
+        for k, (img, mask, why) in enumerate(tqdm(pool.map(one, range(len(files))), total=len(files),
+                                                  desc=f"decoding {root}", unit="img", leave=False)):
+            if why is None and masks and mask is None:
+                why = f"no mask {ids[k]}.png in {masks}"
+            if why is not None:
+                if not skip_bad:
+                    raise ValueError(f"{files[k]}: {why} (--skip-bad to log it and go on)")
+                bad.append((files[k], why))
+                continue
+            x.append(img), m.append(mask), keep.append(ids[k])
+    if not x:
+        raise ValueError(f"no readable images under {root}; see {bad[0][0]}: {bad[0][1]}")
+    out = dict(x=np.stack(x), masks=np.stack(m) if masks else None, ids=keep, bad=bad)
+    tmp = f"{cache}.{os.getpid()}.tmp.npz"
+    np.savez(tmp, x=out["x"], masks=out["masks"] if masks else np.zeros(0, np.uint8), ids=np.array(keep),
+             bad=np.array([f"{p}\t{w}" for p, w in bad], dtype=str))
+    os.replace(tmp, cache)
+    if bad:
+        with open(os.path.join(cache_dir, "bad_files.txt"), "w") as f:
+            f.writelines(f"{p}\t{w}\n" for p, w in bad)
+        print(f"skipped {len(bad)} unreadable file(s), listed in {os.path.join(cache_dir, 'bad_files.txt')}")
+    return out
+
+
+def read_label_csv(path, id_column, label_column, split_column):
+    """{image id: (label, split or None)} from a CSV; ids may be given with a folder or an extension."""
+    import csv
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--labels {path}: no such file")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        cols = reader.fieldnames or []
+        for c in (id_column, label_column):
+            if c not in cols:
+                raise ValueError(f"{path} has no column {c!r} (columns: {', '.join(cols)}); set --id-column / "
+                                 f"--label-column")
+        rows = {}
+        for r in reader:
+            i = os.path.splitext(os.path.basename(r[id_column].strip()))[0]
+            split = r[split_column].strip().lower() if split_column in cols else None
+            if split is not None and split not in ("train", "val", "test"):
+                raise ValueError(f"{path}: image {i} has split {split!r}; use train, val or test")
+            rows[i] = (r[label_column].strip(), split)
+    return rows
+
+
+def stratified_split(y, fractions, seed):
+    """Split name per image: within each class a seeded permutation cut by the fractions."""
+    names = np.empty(len(y), dtype=object)
+    g = torch.Generator().manual_seed(seed)
+    for c in sorted(set(y.tolist())):
+        idx = np.nonzero(y == c)[0][torch.randperm(int((y == c).sum()), generator=g).numpy()]
+        n_train, n_val = int(round(fractions[0] * len(idx))), int(round(fractions[1] * len(idx)))
+        names[idx[:n_train]], names[idx[n_train:n_train + n_val]], names[idx[n_train + n_val:]] = "train", "val", "test"
+    return names
+
+
+def apply_variant(x, masks, variant, gray=None):
+    """full: unchanged; seg-black: zero outside the lungs; seg-gray: `gray` (uint8) outside."""
+    if variant == "full":
+        return x
+    if masks is None:
+        raise ValueError(f"--variant {variant} needs lung masks (--masks DIR)")
+    return x * masks if variant == "seg-black" else torch.where(masks.bool(), x, torch.full_like(x, gray))
+
+
+def load_xray(root, split, img_size, labels=None, id_column="id", label_column="label", split_column="split",
+              split_fractions=(0.7, 0.1, 0.2), classes=None, masks=None, variant="full", channels=1,
+              window_percentile=0.5, keep_aspect=True, cache_dir=None, skip_bad=False, seed=0, num_workers=4):
+    """Chest X-rays: decode (or read the cache), attach labels and masks, split, apply the variant,
+    and compute mean and std on the training split of that variant."""
+    _check_split(split, ("train", "val", "test"), "dicom")
+    if variant not in VARIANTS:
+        raise ValueError(f"--variant {variant!r}: choose from {', '.join(VARIANTS)}")
+    if variant != "full" and not masks:
+        raise ValueError(f"--variant {variant} needs lung masks: add --masks DIR")
+    d = decode_xrays(root, img_size, masks, keep_aspect, window_percentile, cache_dir, skip_bad, num_workers)
+    ids, x = np.array(d["ids"]), torch.from_numpy(d["x"])[:, None]
+    m = torch.from_numpy(d["masks"])[:, None] if d["masks"] is not None else None
+    bad = {os.path.splitext(os.path.basename(p))[0] for p, _ in d["bad"]}
+    y, names, rows = None, [], None
+    if labels:
+        rows = read_label_csv(labels, id_column, label_column, split_column)
+        found = set(ids.tolist())
+        missing = [i for i in rows if i not in found and i not in bad]
+        unlabelled = [str(i) for i in ids if i not in rows]
+        if missing:
+            raise ValueError(f"{labels}: {len(missing)} labelled image(s) not found under {root}, e.g. {missing[0]!r}")
+        if unlabelled and not skip_bad:
+            raise ValueError(f"{len(unlabelled)} image(s) under {root}, e.g. {unlabelled[0]!r}, have no row in "
+                             f"{labels} (--skip-bad to leave them out)")
+        names = sorted({lab for lab, _ in rows.values()})
+        if classes:
+            unknown = [c for c in classes if c not in names]
+            if unknown:
+                raise ValueError(f"--classes {unknown[0]!r} is not a label in {labels} (labels: {', '.join(names)})")
+            names = sorted(classes)
+        keep = np.array([i in rows and rows[i][0] in names for i in ids], dtype=bool)
+        ids, x = ids[keep], x[torch.from_numpy(keep)]
+        m = m[torch.from_numpy(keep)] if m is not None else None
+        y = torch.tensor([names.index(rows[i][0]) for i in ids], dtype=torch.long)
+    has_split = rows is not None and all(rows[i][1] is not None for i in ids)
+    split_of = np.array([rows[i][1] for i in ids]) if has_split else \
+        stratified_split(y.numpy() if y is not None else np.zeros(len(ids), np.int64), split_fractions, seed)
+    train = torch.from_numpy(split_of == "train")
+    gray = int(round(x[train].float().mean().item())) if variant == "seg-gray" else None
+    xv = apply_variant(x, m, variant, gray)
+    mean, std = channel_stats(xv[train])
+    sel = torch.from_numpy(split_of == split)
+    xs = xv[sel].expand(-1, channels, -1, -1) if channels == 3 else xv[sel]
+    return ImageSet(xs, y[sel] if y is not None else None, names, mean * channels, std * channels,
+                    masks=m[sel] if m is not None else None, ids=ids[sel.numpy()].tolist())
 
 
 # ----------------------------------------------------------------------------- batches

@@ -36,6 +36,7 @@ DEFAULTS = {
     "stl10": dict(geometry=("vit_small", 96, 6)),
     "npz": dict(geometry=("vit_tiny", 32, 4)),
     "folder": dict(geometry=("vit_small", 224, 16)),
+    "dicom": dict(geometry=("vit_small", 224, 16), crop_scale=0.5),    # X-rays: no tiny crops (the notes)
 }
 
 
@@ -77,6 +78,7 @@ def get_args(argv=None):
     p.add_argument("--randaug-n", type=int, default=2, help="RandAugment: ops per image (0: off)")
     p.add_argument("--randaug-m", type=int, default=9, help="RandAugment: magnitude")
     p.add_argument("--crop-scale", type=float, default=0.08, help="smallest random resized crop (0.5 for X-rays)")
+    data.add_data_args(p)
     pre, _ = p.parse_known_args(argv)
     p.set_defaults(**{k: v for k, v in DEFAULTS[pre.dataset].items() if k != "geometry"})
     return p.parse_args(argv)
@@ -164,11 +166,12 @@ def main(args):
         raise SystemExit(f"error: {e}")
 
     # ---- data: labelled splits, at the encoder's image size
+    xray = data.data_options(args)
     try:
         train = data.build_dataset(args.dataset, "train", args.data_dir, encoder.img_size, args.download,
-                                   args.seed, args.num_workers)
+                                   args.seed, args.num_workers, **xray)
         test = data.build_dataset(args.dataset, "test", args.data_dir, encoder.img_size, False, args.seed,
-                                  args.num_workers)
+                                  args.num_workers, **xray)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     if train.y is None or test.y is None or len(test) == 0:

@@ -29,7 +29,8 @@ from models import MODELS, bf16_is_fast, extract_features, knn_predict, load_enc
 
 # geometry of the random-init baseline when no checkpoint says otherwise
 GEOMETRY = {"synthetic": ("vit_micro", 32, 4), "cifar10": ("vit_tiny", 32, 2), "cifar100": ("vit_tiny", 32, 2),
-            "stl10": ("vit_small", 96, 6), "npz": ("vit_tiny", 32, 4), "folder": ("vit_small", 224, 16)}
+            "stl10": ("vit_small", 96, 6), "npz": ("vit_tiny", 32, 4), "folder": ("vit_small", 224, 16),
+            "dicom": ("vit_small", 224, 16)}
 
 
 def get_args(argv=None):
@@ -60,6 +61,7 @@ def get_args(argv=None):
     p.add_argument("--augment", action="store_true", help="re-encode random crops + flips every epoch")
     p.add_argument("--knn-k", type=int, default=20)
     p.add_argument("--knn-t", type=float, default=0.07)
+    data.add_data_args(p)
     return p.parse_args(argv)
 
 
@@ -75,8 +77,9 @@ def pooled(cls, avg, pool):
 
 def cache_key(args, encoder, train):
     """Changes whenever the features could: checkpoint file (path, size, mtime), key, encoder
-    geometry, dataset, data folder and its normalisation."""
-    parts = [args.dataset, os.path.abspath(args.data_dir), args.checkpoint_key, encoder.config(), train.mean, train.std]
+    geometry, dataset, data folder, its options (X-ray labels, classes, variant...) and normalisation."""
+    parts = [args.dataset, os.path.abspath(args.data_dir), args.checkpoint_key, encoder.config(), train.mean, train.std,
+             sorted(data.data_options(args).items()), len(train)]
     if args.checkpoint:
         st = os.stat(args.checkpoint)
         parts += [os.path.abspath(args.checkpoint), st.st_size, st.st_mtime_ns]
@@ -107,11 +110,12 @@ def main(args):
     features = torch.compile(encoder.forward_features) if args.compile else encoder.forward_features
 
     # ---- data: labelled train and test splits, at the encoder's image size
+    xray = data.data_options(args)
     try:
         train = data.build_dataset(args.dataset, "train", args.data_dir, encoder.img_size, args.download,
-                                   args.seed, args.num_workers)
+                                   args.seed, args.num_workers, **xray)
         test = data.build_dataset(args.dataset, "test", args.data_dir, encoder.img_size, False, args.seed,
-                                  args.num_workers)
+                                  args.num_workers, **xray)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     if train.y is None or test.y is None or len(test) == 0:

@@ -36,6 +36,9 @@ DEFAULTS = {
     "stl10": dict(model="vit_small", img_size=96, patch_size=6, split="train+unlabeled"),
     "npz": dict(model="vit_tiny", img_size=32, patch_size=4, batch_size=256, epochs=100, warmup_epochs=10),
     "folder": dict(model="vit_small", img_size=224, patch_size=16, batch_size=256, epochs=100, warmup_epochs=10),
+    # chest X-rays, after the notes: 90% of patches masked, crops no smaller than half the image
+    "dicom": dict(model="vit_small", img_size=224, patch_size=16, batch_size=256, epochs=100, warmup_epochs=10,
+                  mask_ratio=0.9, crop_scale=0.5),
 }
 
 
@@ -95,6 +98,7 @@ def get_args(argv=None):
     p.add_argument("--knn-samples", type=int, default=10000, help="labelled images used by the k-NN monitor, per split")
     p.add_argument("--vis-every", type=int, default=20, help="epochs between reconstruction pictures")
     p.add_argument("--log-every", type=int, default=20, help="steps between reading the loss on the host")
+    data.add_data_args(p)
     pre, _ = p.parse_known_args(argv)
     p.set_defaults(**DEFAULTS[pre.dataset])
     return p.parse_args(argv)
@@ -194,14 +198,15 @@ def main(args):
     out_dir = args.output_dir or os.path.join("runs", f"{args.method}_{args.dataset}_{args.model}")
 
     # ---- data: uint8 images, on the GPU when there is one (augmentation runs there too)
+    xray = data.data_options(args)
     try:
         train_set = data.build_dataset(args.dataset, args.split, args.data_dir, args.img_size,
-                                       args.download, args.seed, args.num_workers)
+                                       args.download, args.seed, args.num_workers, **xray)
         # the k-NN monitor needs labels: the train split (STL-10: without unlabeled) and test
         knn_train = train_set if args.split == "train" else data.build_dataset(
-            args.dataset, "train", args.data_dir, args.img_size, False, args.seed, args.num_workers)
+            args.dataset, "train", args.data_dir, args.img_size, False, args.seed, args.num_workers, **xray)
         knn_test = data.build_dataset(args.dataset, "test", args.data_dir, args.img_size, False,
-                                      args.seed, args.num_workers)
+                                      args.seed, args.num_workers, **xray)
         knn_sets = (knn_train, knn_test) if knn_train.y is not None and knn_test.y is not None else None
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")

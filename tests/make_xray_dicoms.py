@@ -1,0 +1,92 @@
+"""Write radiographs as DICOM files with pydicom: the tests' fixtures, and an example that turns
+the OpenIST PNG radiographs (with lung masks) into a DICOM folder like a hospital export.
+
+    python tests/make_xray_dicoms.py ../shared/data/cxr/openist_normal /tmp/cxr_dicom \
+        [--extra ../shared/data/cxr/dicom]
+
+Every other image is written as MONOCHROME1 (inverted pixel values, as CR plates store them)
+and all as 12-bit data with a rescale slope/intercept and a window, so the loader's whole
+modality LUT -> window -> inversion path is exercised; masks are copied as <id>.png and a
+labels.csv (id, label, side) is written, the label being the image's left/right orientation.
+"""
+import argparse
+import csv
+import os
+import shutil
+
+import numpy as np
+
+
+def write_dicom(path, pixels, photometric="MONOCHROME2", bits_stored=None, signed=False, slope=None,
+                intercept=None, center=None, width=None, voi_function=None, presentation_shape=None):
+    """Write a 2-D integer array as an uncompressed single-frame CR DICOM file."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    pixels = np.asarray(pixels)
+    bits_alloc = 8 if pixels.dtype.itemsize == 1 else 16
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"          # Computed Radiography Image Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.BodyPartExamined = "CR", "CHEST"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored = bits_alloc, bits_stored or bits_alloc
+    ds.HighBit, ds.PixelRepresentation = ds.BitsStored - 1, int(signed)
+    if slope is not None:
+        ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = slope, intercept or 0, "US"
+    if center is not None:
+        ds.WindowCenter, ds.WindowWidth = center, width
+    if voi_function:
+        ds.VOILUTFunction = voi_function
+    if presentation_shape:
+        ds.PresentationLUTShape = presentation_shape
+    dtype = {(8, False): np.uint8, (16, False): np.uint16, (16, True): np.int16}[bits_alloc, signed]
+    ds.PixelData = pixels.astype(dtype).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="folder with images/<id>.png, masks/<id>.png (OpenIST layout)")
+    p.add_argument("out")
+    p.add_argument("--extra", default=None, help="a folder of real .dcm files to copy in (unlabelled)")
+    args = p.parse_args()
+    from PIL import Image
+    os.makedirs(os.path.join(args.out, "dicom"), exist_ok=True)
+    os.makedirs(os.path.join(args.out, "masks"), exist_ok=True)
+    rows = []
+    names = sorted(f for f in os.listdir(os.path.join(args.source, "images")) if f.endswith(".png"))
+    for k, name in enumerate(names):
+        i = os.path.splitext(name)[0]
+        img = np.asarray(Image.open(os.path.join(args.source, "images", name)).convert("L"), dtype=np.float64)
+        mask = Image.open(os.path.join(args.source, "masks", name))
+        flip = k % 4 >= 2      # half the images mirrored: a label that needs anatomy (the heart's side)
+        if flip:
+            img, mask = img[:, ::-1], mask.transpose(Image.FLIP_LEFT_RIGHT)
+        # 8-bit display values -> 12-bit stored values v, with modality values 2 v - 1024 and a window
+        # over the whole range, so that displaying it gives back the PNG (up to rounding)
+        v = np.rint(img / 255 * 4095)
+        mono1 = k % 2 == 1
+        write_dicom(os.path.join(args.out, "dicom", f"{i}.dcm"), (4095 - v) if mono1 else v,
+                    photometric="MONOCHROME1" if mono1 else "MONOCHROME2", bits_stored=12, slope=2, intercept=-1024,
+                    center=3071.5, width=8191)
+        mask.save(os.path.join(args.out, "masks", name))
+        rows.append((i, "mirrored" if flip else "standard"))
+    with open(os.path.join(args.out, "labels.csv"), "w", newline="") as f:
+        csv.writer(f).writerows([("id", "label")] + rows)
+    if args.extra:
+        os.makedirs(os.path.join(args.out, "unlabelled"), exist_ok=True)
+        for f in os.listdir(args.extra):
+            if f.endswith(".dcm"):
+                shutil.copy(os.path.join(args.extra, f), os.path.join(args.out, "unlabelled", f))
+    print(f"wrote {len(rows)} DICOM files, masks and labels.csv to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
