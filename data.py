@@ -461,7 +461,7 @@ def decode_xrays(root, img_size, masks=None, keep_aspect=True, window_percentile
                                 f"folder of .dcm files (searched recursively).")
     skip = [os.path.abspath(p) for p in (masks, cache_dir, os.path.join(root, ".xray_cache")) if p]
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root)       # the masks are not radiographs
-                   if not any(os.path.abspath(d).startswith(s) for s in skip)
+                   if not any((os.path.abspath(d) + os.sep).startswith(s + os.sep) for s in skip)
                    for f in fs if _is_xray_file(os.path.join(d, f)))
     if not files:
         raise FileNotFoundError(f"no .dcm (or .png/.jpg) files under {root}")
@@ -598,6 +598,8 @@ def load_xray(root, split, img_size, labels=None, id_column="id", label_column="
         if unlabelled and not skip_bad:
             raise ValueError(f"{len(unlabelled)} image(s) under {root}, e.g. {unlabelled[0]!r}, have no row in "
                              f"{labels} (--skip-bad to leave them out)")
+        if unlabelled:
+            print(f"left out {len(unlabelled)} image(s) without a row in {labels}, e.g. {unlabelled[0]!r}")
         names = sorted({lab for lab, _ in rows.values()})
         if classes:
             unknown = [c for c in classes if c not in names]
