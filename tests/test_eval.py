@@ -172,3 +172,15 @@ def test_cached_features_equal_fresh_ones(tmp_path, ckpts):
     os.utime(ckpts["dsmae"])                                     # a changed checkpoint means new features
     linprobe.main(args)
     assert len([f for f in os.listdir(tmp_path) if f.startswith("features_")]) == 2
+
+
+def test_encoder_loads_into_timm_with_identical_features():
+    timm = pytest.importorskip("timm")   # not a dependency; runs where timm is installed
+    enc = ViT(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3).eval()
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3,
+                            num_classes=10).eval()
+    missing, unexpected = vit.load_state_dict(enc.state_dict(), strict=False)
+    assert sorted(missing) == ["head.bias", "head.weight"] and not unexpected
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(enc.forward_features(x), vit.forward_features(x), atol=1e-5)
