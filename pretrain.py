@@ -235,11 +235,11 @@ def main(args):
     if ddp:   # no buffers to sync (no BatchNorm): skip the per-step broadcast
         model = DDP(model, device_ids=[device.index] if cuda else None, broadcast_buffers=False)
 
-    # ---- optimiser: AdamW, lr scaled by the effective batch (MAE's rule)
+    # ---- optimiser: AdamW, lr scaled by the effective batch (MAE's rule); fused, on a CPU too (+8-19%, bench.py)
     eff_batch = args.batch_size * args.accum_iter
     lr = args.lr or args.blr * eff_batch / 256
     opt = torch.optim.AdamW(param_groups(raw_model, args.weight_decay), lr=lr, betas=(0.9, 0.95),
-                            fused=cuda or None)
+                            fused=True)
     n_params = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     say(f"{args.method} {args.model} on {args.dataset}/{args.split} ({len(train_set)} images, "
         f"{args.img_size}px, patch {args.patch_size}) | {n_params / 1e6:.2f}M trained params | {device} x {world} "

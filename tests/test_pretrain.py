@@ -84,7 +84,14 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     a, b = weights(tmp_path / "ddp"), weights(tmp_path / "one")
     assert a["step"] == b["step"] == 3
     for k in a["model"]:
-        assert torch.allclose(a["model"][k], b["model"][k], atol=2e-5), k
+        x, y = a["model"][k], b["model"][k]
+        if k.endswith("qkv.bias"):
+            # the key bias has an exactly zero gradient (softmax ignores a constant per query), so what
+            # reaches it is rounding noise, summed in another order across ranks, and Adam scales that
+            # noise up to steps of size ~lr: compare the query and value biases only
+            D = x.shape[0] // 3
+            x, y = torch.cat([x[:D], x[2 * D:]]), torch.cat([y[:D], y[2 * D:]])
+        assert torch.allclose(x, y, atol=2e-5), k
     torch.manual_seed(0)                 # the weights moved from their initial values: not vacuous
     init = ViT(img_size=16, patch_size=4, **MODELS["vit_nano"]).state_dict()
     assert (a["encoder"]["blocks.0.mlp.fc1.weight"] - init["blocks.0.mlp.fc1.weight"]).abs().max() > 1e-4
