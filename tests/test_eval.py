@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import finetune
 import linprobe
 import pretrain
@@ -93,6 +94,20 @@ def test_finetune_learns_a_separable_set(tmp_path):
     assert res["best"]["top1"] >= 90 and res["mean_per_class"] >= 90
     best = torch.load(tmp_path / "ft" / "best.pt", weights_only=True)
     assert best["num_classes"] == 4 and best["data"]["classes"] == ["r", "g", "b", "y"]
+
+
+@pytest.mark.parametrize("flag, flips", [([], True), (["--no-hflip"], False)])
+def test_finetune_hflip_flag_reaches_the_augmentation(tmp_path, monkeypatch, flag, flips):
+    seen, augment = [], data.augment
+
+    def spy(*a, flip=True, **k):
+        seen.append(flip)
+        return augment(*a, flip=flip, **k)
+    monkeypatch.setattr(data, "augment", spy)
+    finetune.main(finetune.get_args(["--model", "vit_nano", "--img-size", "16", "--patch-size", "4", "--device",
+                                     "cpu", "--no-compile", "--batch-size", "16", "--max-steps", "2",
+                                     "--output-dir", str(tmp_path)] + flag))
+    assert seen == [flips, flips]
 
 
 def test_finetune_from_a_checkpoint_with_the_full_recipe_and_resume(tmp_path, ckpts):

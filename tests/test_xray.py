@@ -250,6 +250,7 @@ def test_every_script_takes_dicom(tmp_path):
                                                    "--checkpoint-key", "student", "--batch-size", "8",
                                                    "--max-steps", "2", "--output-dir", str(tmp_path / "ft")]))
     assert len(ft["per_class"]) == 2 and ft["step"] == 2
+    assert "val_top1" in ft and ft["best"]["split"] == "val"          # best.pt chosen on val, not on test
     best = torch.load(tmp_path / "ft" / "best.pt", weights_only=False)
     assert best["data"]["classes"] == ["a", "b"]
     lp = linprobe.main(linprobe.get_args(common + ["--checkpoint", str(tmp_path / "pre" / "ckpt.pt"),
