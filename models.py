@@ -540,3 +540,66 @@ def extract_features(encoder, images, transform, batch_size=256, device="cpu", a
         avg.append(z[:, 1:].float().mean(dim=1))
     encoder.train(was_training)
     return torch.cat(cls), torch.cat(avg)
+
+
+# ----------------------------------------------------------------------------- ResNet backbones, classifiers
+
+RESNETS = ("resnet18", "resnet34", "resnet50")
+
+
+def build_resnet(arch, in_chans=3, img_size=32):
+    """torchvision ResNet (random init) as a backbone: fc replaced by Identity, so forward(x)
+    returns the globally average-pooled (B, out_dim) features; `out_dim` is 512 (resnet18/34)
+    or 2048 (resnet50). A classifier is the same module with `fc = nn.Linear(out_dim, classes)`.
+
+    Stem: for img_size <= 64 the CIFAR-style one (3x3 conv, stride 1, no max-pool), so that a
+    32 px image still leaves a 4x4 map for layer4 instead of 1x1; above 64 px torchvision's
+    ImageNet stem (7x7 conv, stride 2, 3x3 max-pool). For cam.py: the last feature map is the
+    output of `model.layer4`, (B, out_dim, img_size / 8, img_size / 8) with the small stem.
+    torchvision is imported here, not at the top: the rest of this file needs torch alone.
+    """
+    import torchvision
+    if arch not in RESNETS:
+        raise ValueError(f"unknown ResNet {arch!r}; choose from {', '.join(RESNETS)}")
+    net = getattr(torchvision.models, arch)(weights=None)
+    if img_size <= 64:
+        net.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    elif in_chans != 3:
+        net.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")   # torchvision's init
+    net.out_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    net.arch, net.in_chans, net.img_size = arch, in_chans, img_size
+    return net
+
+
+def load_classifier(path, device="cpu"):
+    """A trained classifier and what is needed to feed it: (model in eval mode, meta).
+
+    Reads finetune.py checkpoints (a ViT with its head; encoder_config) and the final classifier
+    of curriculum.py (backbone "resnet18" | "resnet34" | "resnet50" | "vit_*" and backbone_config).
+    The model is a ViT with `head` = Linear (kind "vit"), or a torchvision ResNet from
+    build_resnet with `fc` = Linear (kind "cnn"); either maps (B, in_chans, img_size, img_size)
+    normalised images to (B, num_classes) logits. meta: kind, num_classes, classes, mean, std,
+    img_size, in_chans, pool ("cls" | "mean" for a ViT, "avg" for a ResNet).
+    """
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if "encoder_config" not in ckpt and "backbone_config" not in ckpt:
+        raise ValueError(f"{path} is neither a finetune.py nor a curriculum.py classifier checkpoint")
+    name, num_classes = ckpt.get("backbone", "vit"), ckpt["num_classes"]
+    cfg = dict(ckpt.get("backbone_config") or ckpt["encoder_config"])
+    if name in RESNETS:
+        model = build_resnet(name, cfg["in_chans"], cfg["img_size"])
+        model.fc = nn.Linear(model.out_dim, num_classes)
+        kind, pool = "cnn", "avg"
+    else:
+        pool = ckpt.get("pool", "cls")
+        model = ViT(**cfg, num_classes=num_classes, global_pool="token" if pool == "cls" else "avg")
+        kind = "vit"
+    model.load_state_dict(ckpt["model"])                             # strict: a mismatch fails loudly
+    d = ckpt.get("data", {})
+    meta = dict(kind=kind, num_classes=num_classes, classes=list(d.get("classes", range(num_classes))),
+                mean=tuple(d["mean"]), std=tuple(d["std"]), img_size=cfg["img_size"], in_chans=cfg["in_chans"],
+                pool=pool)
+    return model.to(device).eval(), meta
