@@ -67,9 +67,8 @@ def get_args(argv=None):
     p.add_argument("--panels", type=int, default=-1, help="write panels for the first N images (-1: all)")
     p.add_argument("--grid", type=int, default=16, help="images in each model's grid.png")
     p.add_argument("--panel-size", type=int, default=192, help="pixels per tile in the panels")
-    if hasattr(data, "add_data_args"):
-        data.add_data_args(p)
-        p.set_defaults(variant=None)          # None: each checkpoint's own training variant
+    data.add_data_args(p)
+    p.set_defaults(variant=None)              # None: each checkpoint's own training variant
     return p.parse_args(argv)
 
 
@@ -320,11 +319,9 @@ def stats(values):
 
 def load_images(args, img_size, variant, in_chans):
     """The split to explain, at img_size, in the variant the model was trained on."""
-    opts = data.data_options(args) if hasattr(data, "data_options") else {}
-    if opts:
-        opts["variant"] = variant
-        if args.dataset == "dicom":
-            opts["channels"] = in_chans
+    opts = dict(data.data_options(args), variant=variant)
+    if args.dataset == "dicom":
+        opts["channels"] = in_chans                  # 1 or 3, as the model was trained
     try:
         return data.build_dataset(args.dataset, args.split, args.data_dir, img_size, args.download, args.seed,
                                   args.num_workers, **opts)
@@ -433,7 +430,7 @@ def main(args):
         if args.method == "attention" and meta["kind"] != "vit":
             raise SystemExit(f"--method attention needs a ViT; {path} holds a {meta['kind']}")
         saved = torch.load(path, map_location="cpu", weights_only=True).get("args") or {}
-        variant = getattr(args, "variant", None) or saved.get("variant") or "full"
+        variant = args.variant or saved.get("variant") or "full"
 
         # ---- data: the split at the resolution the maps and AIL are computed at
         img_size = args.img_size or meta["img_size"]
