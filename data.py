@@ -453,7 +453,21 @@ def decode_xrays(root, img_size, masks=None, keep_aspect=True, window_percentile
                  skip_bad=False, num_workers=4):
     """Decode every radiograph under root (and its mask) once, cached as uint8 in one .npz keyed by
     the files' names, sizes and times and the settings: a changed file or setting rebuilds it.
-    Returns dict(x (N, S, S) uint8, masks (N, S, S) uint8 0/1 or None, ids, bad [(path, why)])."""
+    Returns dict(x (N, S, S) uint8, masks (N, S, S) uint8 0/1 or None, ids, bad [(path, why)]).
+    Under DDP rank 0 decodes and the other ranks wait, then read its cache, instead of every rank
+    decoding the same files at once (if rank 0 fails, the others try and fail with the same message)."""
+    import torch.distributed as dist
+    ddp = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if ddp and dist.get_rank() != 0:
+        dist.barrier()
+    try:
+        return _decode_xrays(root, img_size, masks, keep_aspect, window_percentile, cache_dir, skip_bad, num_workers)
+    finally:
+        if ddp and dist.get_rank() == 0:
+            dist.barrier()
+
+
+def _decode_xrays(root, img_size, masks, keep_aspect, window_percentile, cache_dir, skip_bad, num_workers):
     import hashlib
     from tqdm import tqdm
     if not os.path.isdir(root):

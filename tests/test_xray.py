@@ -212,6 +212,25 @@ def test_cache_reused_and_rebuilt_on_change(tmp_path, monkeypatch):
     assert not torch.equal(again.x, first.x)
 
 
+def _decode_in_rank(rank, world, root, store, out):
+    """One DDP rank (gloo): decode the study, record how many files this rank decoded itself."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    calls, real = [], data.read_radiograph
+    data.read_radiograph = lambda *a: (calls.append(1), real(*a))[1]
+    d = data.decode_xrays(root, 16, cache_dir=os.path.join(root, "cache"))
+    np.save(os.path.join(out, f"rank{rank}.npy"), np.array([len(calls), int(d["x"].astype(np.int64).sum())]))
+    dist.destroy_process_group()
+
+
+def test_ddp_ranks_share_one_decode(tmp_path):
+    root = make_study(tmp_path, n=6)
+    torch.multiprocessing.spawn(_decode_in_rank, args=(2, str(root / "dcm"), str(tmp_path / "store"), str(tmp_path)),
+                                nprocs=2)
+    (n0, sum0), (n1, sum1) = np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy")
+    assert n0 == 6 and n1 == 0 and sum0 == sum1           # rank 1 read rank 0's cache
+
+
 def test_corrupt_file_named_and_skipped(tmp_path):
     root = make_study(tmp_path, n=6, labels=("a",))
     f = root / "dcm" / "sub" / "im03.dcm"
