@@ -21,11 +21,13 @@ import argparse
 import os
 import pickle
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -64,9 +66,11 @@ def build_dataset(name, split="train", data_dir="data", img_size=32, download=Fa
     if name == "synthetic":
         return synthetic_shapes(split, img_size, seed)
     if name in ("cifar10", "cifar100"):
-        return load_cifar(data_dir, split, name, download)
+        with rank0_first(download):                    # one download, not one per DDP rank
+            return load_cifar(data_dir, split, name, download)
     if name == "stl10":
-        return load_stl10(data_dir, split, download)
+        with rank0_first(download):
+            return load_stl10(data_dir, split, download)
     if name == "npz":
         return load_npz(data_dir, split)
     if name == "folder":
@@ -96,6 +100,21 @@ def holdout_split(y, n, split, fraction=0.1):
         n_test = int(round(fraction * len(g)))
         keep.append(g[len(g) - n_test:] if split == "test" else g[:len(g) - n_test])
     return torch.cat(keep).sort().values
+
+
+@contextmanager
+def rank0_first(enabled=True):
+    """Under DDP, rank 0 runs the block first while the other ranks wait, then they run it and read
+    what rank 0 wrote (a download, a decode cache) instead of all writing the same files at once. If
+    rank 0 fails, the others are released and meet the same error."""
+    ddp = enabled and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if ddp and dist.get_rank() != 0:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if ddp and dist.get_rank() == 0:
+            dist.barrier()
 
 
 def _check_split(split, allowed, name):
@@ -454,17 +473,9 @@ def decode_xrays(root, img_size, masks=None, keep_aspect=True, window_percentile
     """Decode every radiograph under root (and its mask) once, cached as uint8 in one .npz keyed by
     the files' names, sizes and times and the settings: a changed file or setting rebuilds it.
     Returns dict(x (N, S, S) uint8, masks (N, S, S) uint8 0/1 or None, ids, bad [(path, why)]).
-    Under DDP rank 0 decodes and the other ranks wait, then read its cache, instead of every rank
-    decoding the same files at once (if rank 0 fails, the others try and fail with the same message)."""
-    import torch.distributed as dist
-    ddp = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if ddp and dist.get_rank() != 0:
-        dist.barrier()
-    try:
+    Under DDP rank 0 decodes and the other ranks read its cache."""
+    with rank0_first():
         return _decode_xrays(root, img_size, masks, keep_aspect, window_percentile, cache_dir, skip_bad, num_workers)
-    finally:
-        if ddp and dist.get_rank() == 0:
-            dist.barrier()
 
 
 def _decode_xrays(root, img_size, masks, keep_aspect, window_percentile, cache_dir, skip_bad, num_workers):

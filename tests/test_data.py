@@ -46,6 +46,34 @@ def test_cifar10_reads_official_pickles(tmp_path):
     assert train.classes[9] == "truck"
 
 
+def _download_in_rank(rank, world, root, store, out):
+    """One DDP rank (gloo) asking for CIFAR-10 with --download; the 'download' writes the files."""
+    import os
+    import time
+    from pathlib import Path
+
+    import torch.distributed as dist
+    import torchvision
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    calls = []
+
+    def fake_download(root_, train=True, download=False):
+        calls.append(1)
+        time.sleep(0.5)                                     # long enough for a second rank to collide
+        write_cifar(Path(root_))
+    torchvision.datasets.CIFAR10 = fake_download
+    ds = data.build_dataset("cifar10", "train", root, download=True)
+    np.save(os.path.join(out, f"rank{rank}.npy"), np.array([len(calls), len(ds)]))
+    dist.destroy_process_group()
+
+
+def test_ddp_ranks_download_once(tmp_path):
+    torch.multiprocessing.spawn(_download_in_rank, args=(2, str(tmp_path / "data"), str(tmp_path / "store"),
+                                                         str(tmp_path)), nprocs=2)
+    (calls0, n0), (calls1, n1) = np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy")
+    assert calls0 == 1 and calls1 == 0 and n0 == n1 == 30    # rank 1 read what rank 0 fetched
+
+
 def test_cifar100_reads_fine_labels(tmp_path):
     written = write_cifar(tmp_path, hundred=True)
     ds = data.build_dataset("cifar100", "test", str(tmp_path))
