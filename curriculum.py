@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from finetune import evaluate        # top-1, mean per-class and per-class accuracy
+from finetune import cosine_lr, evaluate, save_checkpoint     # the same schedule, metrics and atomic save
 from models import (DSMAE, EMA, MAE, MODELS, RESNETS, ViT, bf16_is_fast, build_resnet, ema_momentum,
                     extract_features, knn_predict, per_class_accuracy)
 
@@ -107,18 +107,6 @@ def mlp(dim, hidden, out, bn=False):
     """Projection MLP: Linear, [BatchNorm], ReLU, Linear (MoCo v2 / SimCLR; BYOL with BatchNorm)."""
     return nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden) if bn else nn.Identity(), nn.ReLU(inplace=True),
                          nn.Linear(hidden, out))
-
-
-def cosine_lr(step, total, warmup, base):
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return base * 0.5 * (1 + math.cos(math.pi * min((step - warmup) / max(total - warmup, 1), 1.0)))
-
-
-def save_checkpoint(state, path):
-    """Atomic: a crash while writing leaves the previous file intact."""
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
 
 
 class LARS(torch.optim.Optimizer):
@@ -649,6 +637,8 @@ def load_data(args):
     subset = lambda ds, idx: data.ImageSet(ds.x[idx], ds.y[idx], ds.classes, ds.mean, ds.std)
     try:
         val, source = build("val"), "val split"
+        if len(val) == 0:                               # a CSV split column without val rows
+            raise ValueError("empty val split")
     except ValueError:
         val = subset(train, data.holdout_split(train.y, len(train), "test", args.val_fraction))
         train = subset(train, data.holdout_split(train.y, len(train), "train", args.val_fraction))
@@ -703,6 +693,8 @@ def main(args):
     for s in stages:
         if s not in PRETEXT:
             raise SystemExit(f"unknown stage {s!r}; choose from {', '.join(PRETEXT)}")
+        if s in ("mae", "dsmae") and args.backbone in RESNETS:     # before any stage has trained
+            raise SystemExit(f"stage {s} needs a ViT backbone (--backbone vit_*), not {args.backbone}")
     grids = {k: [float(v) for v in g.split(",")] for k, g in (("sgd", args.lr_grid), ("lars", args.lars_lr_grid),
              ("adamw", args.adamw_lr_grid), ("cls", args.cls_lr_grid or args.lr_grid))}
     out_dir = args.output_dir or os.path.join("runs", f"curriculum_{args.dataset}_{args.variant}_{args.backbone}")
@@ -727,13 +719,16 @@ def main(args):
         backbone = ViT(img_size=args.img_size, patch_size=args.patch_size, in_chans=in_chans, **MODELS[args.backbone])
         dim, bcfg = backbone.embed_dim, backbone.config()
     backbone.to(device)
-    keys = ("dataset", "data_dir", "variant", "labels", "masks", "classes", "backbone", "img_size", "patch_size",
-            "seed", "max_train", "max_val", "val_fraction", "crop_scale", "hflip", "search_metric", "opt", "proj_dim",
-            "temperature", "moco_queue", "ema", "prototypes", "swav_queue", "dino_dim", "relloc_gap", "mask_ratio",
-            "decoder_dim", "decoder_depth")
+    # everything that changes a stage's result: a finished stage is reused only if all of it matches
+    keys = ("dataset", "data_dir", "backbone", "img_size", "patch_size", "seed", "max_train", "max_val",
+            "val_fraction", "crop_scale", "hflip", "search_metric", "opt", "cls_mode", "proj_dim", "temperature",
+            "moco_queue", "ema", "prototypes", "swav_queue", "dino_dim", "relloc_gap", "mask_ratio", "decoder_dim",
+            "decoder_depth")
+    config = {k: getattr(args, k) for k in keys}
+    config.update({k: v for k, v in data.data_options(args).items() if k != "cache_dir"})   # splits, channels, ...
     ctx = dict(args=args, device=device, amp=amp, aug=aug, plain=plain, train=train, val=val, seed=args.seed,
                img_size=args.img_size, metric=args.search_metric, opt=args.opt, batch_size=args.batch_size,
-               config={k: getattr(args, k, None) for k in keys})
+               config=config)
     print(f"curriculum {' -> '.join(stages + ['classify'])} | {args.backbone} ({dim}-d) on {args.dataset} "
           f"({args.variant}), {args.img_size}px | {len(train)} train, {len(val)} val ({val_source}), {len(test)} test, "
           f"{len(train.classes)} classes | {device} | {'bf16' if use_bf16 else 'fp32'} | {out_dir}")

@@ -230,6 +230,9 @@ def test_resume_skips_finished_stages_and_trials(tmp_path, monkeypatch):
     assert len(rows) == 2 and rows[1]["stages"] == "rotation+relloc" and rows[1]["seed"] == "0"
     with pytest.raises(SystemExit, match="other settings"):           # same folder, other settings: refused
         curriculum.main(tiny_run(path, tmp_path / "run", *vit, "--stages", "rotation", "--crop-scale", "0.3"))
+    for other in (["--cls-mode", "linear"], ["--split-fractions", "0.5,0.2,0.3"]):      # data and classifier too
+        with pytest.raises(SystemExit, match="other settings"):
+            curriculum.main(tiny_run(path, tmp_path / "run", *vit, "--stages", "rotation", *other))
     model, meta = load_classifier(res["checkpoint"])
     assert meta["kind"] == "vit" and meta["classes"] == ["r", "g", "b", "y"]
 
