@@ -27,8 +27,8 @@ prediction, truth and AIL), grid.png (the first --grid images), cam.csv (one row
 and summary.csv / summary.md: AIL mean and std per model, over all, correct and incorrect images,
 next to the lung area fraction (the AIL of a map spread evenly: the level that means "no preference");
 with several checkpoints also compare.png, the same images side by side.
-Training-only flags (--epochs, --compile, --precision, ...) do not apply: maps are computed in
-fp32, uncompiled, so that hooks see the real modules.
+There are no training flags (--epochs, --compile, --precision): maps are computed in fp32,
+uncompiled, so that hooks see the real modules.
 """
 import argparse
 import csv
