@@ -226,13 +226,17 @@ class ViT(nn.Module):
         """(B, C, H, W) images -> (B, N, D) patch tokens with their positions added."""
         return self.patch_embed(x) + self.pos_embed[:, 1:]
 
-    def encode(self, tokens):
-        """(B, n, D) position-embedded tokens (all or a subset) -> (B, 1 + n, D)."""
+    def encode(self, tokens, keep=0):
+        """(B, n, D) position-embedded tokens (all or a subset) -> (B, 1 + n, D) normalised tokens.
+        keep=K also returns the raw outputs of the last K blocks, a list of (B, 1 + n, D)."""
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
         x = torch.cat([cls, tokens], dim=1)
-        for blk in self.blocks:
+        hidden = []
+        for i, blk in enumerate(self.blocks):
             x = blk(x)
-        return self.norm(x)
+            if i >= self.depth - keep:
+                hidden.append(x)
+        return (self.norm(x), hidden) if keep else self.norm(x)
 
     def forward_features(self, x):
         return self.encode(self.embed(x))
@@ -281,10 +285,15 @@ class EMA(nn.Module):
         return self.module(*args, **kwargs)
 
 
-def ema_momentum(step, total_steps, start=0.96, end=0.99):
-    """Cosine schedule of the EMA momentum: start at step 0, end at total_steps."""
+def ema_momentum(step, total_steps, start=0.96, end=0.99, batch=None, ref_batch=None):
+    """Cosine schedule of the EMA momentum: start at step 0, end at total_steps.
+
+    With batch and ref_batch, the momentum m set for ref_batch becomes m ** (batch / ref_batch):
+    the teacher then averages over the same number of images, 1 / (1 - m) steps of ref_batch,
+    whatever the batch (0.99 at 2048 is 0.99937 at 128)."""
     t = min(step / max(total_steps, 1), 1.0)
-    return end - (end - start) * (math.cos(math.pi * t) + 1) / 2
+    m = end - (end - start) * (math.cos(math.pi * t) + 1) / 2
+    return m ** (batch / ref_batch) if batch and ref_batch else m
 
 
 # ----------------------------------------------------------------------------- losses
@@ -309,6 +318,32 @@ def cosine_loss(pred, target, per_token=False):
     if per_token:
         return 1 - F.cosine_similarity(pred, target, dim=-1).mean()
     return 1 - F.cosine_similarity(pred.flatten(1), target.flatten(1), dim=-1).mean()
+
+
+TEACHER_TARGETS = ("final", "center", "ln", "avg")
+
+
+def teacher_target(z, hidden, how="final"):
+    """The tokens the DS-MAE regressor predicts, from the teacher's patch tokens: z (B, N, D) its
+    normalised output, hidden the raw outputs of its last K blocks, each (B, N, D).
+
+      final   z itself (the paper: "the teacher's output")
+      center  z minus its mean over the batch and the positions: removes the component every token
+              shares (the final LayerNorm's bias, the fixed positional table), which Eq. 2's
+              single cosine over all tokens otherwise matches for free
+      ln      the last block's output, LayerNorm'd per token without affine parameters
+      avg     data2vec's target: each of the K blocks' outputs instance-normalised (every channel
+              over the N tokens of its image), then averaged
+    """
+    if how == "final":
+        return z
+    if how == "center":
+        return z - z.mean(dim=(0, 1), keepdim=True)
+    if how == "ln":
+        return F.layer_norm(hidden[-1].float(), hidden[-1].shape[-1:], eps=1e-6)
+    if how == "avg":
+        return sum(F.instance_norm(h.float().transpose(1, 2), eps=1e-6).transpose(1, 2) for h in hidden) / len(hidden)
+    raise ValueError(f"unknown teacher target {how!r}; choose from {', '.join(TEACHER_TARGETS)}")
 
 
 # ----------------------------------------------------------------------------- MAE
@@ -389,12 +424,14 @@ class DSMAE(nn.Module):
 
     def __init__(self, encoder, *, decoder_dim=256, decoder_depth=4, regressor_depth=2,
                  noise_ratio=0.9, noise_std=1.0, noise_mode="add", lam=0.6, norm_pix=False,
-                 per_token_cos=False):
+                 per_token_cos=False, target="final", target_blocks=1):
         super().__init__()
-        assert 0.0 <= lam <= 1.0 and noise_mode in ("add", "replace")
+        assert 0.0 <= lam <= 1.0 and noise_mode in ("add", "replace") and target in TEACHER_TARGETS
+        assert 1 <= target_blocks <= encoder.depth, f"target_blocks {target_blocks} not in 1..{encoder.depth}"
         self.encoder = encoder
         self.lam, self.noise_std, self.noise_mode = lam, noise_std, noise_mode
         self.norm_pix, self.per_token_cos = norm_pix, per_token_cos
+        self.target, self.target_blocks = target, target_blocks
         p, grid = encoder.patch_size, encoder.grid
         self.num_noised = int(round(noise_ratio * grid * grid))
         assert self.num_noised > 0, f"noise ratio {noise_ratio} noises no patch"
@@ -430,7 +467,10 @@ class DSMAE(nn.Module):
             parts.update(loss_y=loss_y.detach(), pred=pred.detach())
         if self.teacher is not None:
             with torch.no_grad():
-                zt = gather_tokens(self.teacher.module.forward_features(imgs)[:, 1:], idx)  # (B, M, D)
+                t = self.teacher.module
+                z, hidden = t.encode(t.embed(imgs), keep=self.target_blocks)
+                zt = teacher_target(z[:, 1:], [h[:, 1:] for h in hidden], self.target)
+                zt = gather_tokens(zt, idx)                                  # (B, M, D)
             loss_z = cosine_loss(self.regressor(zn), zt, self.per_token_cos)
             parts.update(loss_z=loss_z.detach())
         loss = self.lam * loss_y + (1 - self.lam) * loss_z

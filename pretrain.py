@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from models import (DSMAE, MAE, MODELS, ViT, bf16_is_fast, ema_momentum, extract_features, knn_predict, patchify,
+from models import (DSMAE, MAE, MODELS, TEACHER_TARGETS, ViT, bf16_is_fast, ema_momentum, extract_features, knn_predict, patchify,
                     unpatchify)
 
 # the paper's Table 1 for CIFAR and STL-10 (its batch 2048; 1024 for ViT-B on STL-10). For
@@ -74,6 +74,9 @@ def get_args(argv=None):
                    "0: regressor only")
     p.add_argument("--per-token-cos", action="store_true", help="DS-MAE: L_z as a mean of per-token cosines, "
                    "instead of Eq. 2's one cosine per image")
+    p.add_argument("--target", default="final", choices=TEACHER_TARGETS, help="DS-MAE: what the regressor predicts "
+                   "(models.teacher_target): the teacher's final tokens, centred, LayerNorm'd, or data2vec's average")
+    p.add_argument("--target-blocks", type=int, default=1, help="DS-MAE --target avg: how many last teacher blocks")
     p.add_argument("--mask-ratio", type=float, default=0.75, help="MAE: fraction of patches masked (0.9 for X-rays)")
     p.add_argument("--norm-pix", action="store_true", help="pixel targets normalised per patch (MAE's norm_pix_loss)")
     p.add_argument("--decoder-dim", type=int, default=256)
@@ -81,6 +84,8 @@ def get_args(argv=None):
     p.add_argument("--regressor-depth", type=int, default=2)
     p.add_argument("--ema-start", type=float, default=0.96, help="DS-MAE teacher momentum at step 0, cosine to --ema-end")
     p.add_argument("--ema-end", type=float, default=0.99)
+    p.add_argument("--ema-ref-batch", type=int, default=0, help="the batch --ema-start/--ema-end were set for: the "
+                   "momentum m becomes m ** (batch / ref), the same lag in images (0: used as given)")
     p.add_argument("--drop-path", type=float, default=0.0)
     # optimisation
     p.add_argument("--blr", type=float, default=1.5e-4, help="base lr: lr = blr * batch * accum / 256")
@@ -226,7 +231,8 @@ def main(args):
         raw_model = DSMAE(encoder, decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
                           regressor_depth=args.regressor_depth, noise_ratio=args.noise_ratio,
                           noise_std=args.noise_std, noise_mode=args.noise_mode, lam=args.lam,
-                          norm_pix=args.norm_pix, per_token_cos=args.per_token_cos)
+                          norm_pix=args.norm_pix, per_token_cos=args.per_token_cos, target=args.target,
+                          target_blocks=args.target_blocks)
     else:
         raw_model = MAE(encoder, decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
                         mask_ratio=args.mask_ratio, norm_pix=args.norm_pix)
@@ -333,7 +339,7 @@ def main(args):
             opt.step()
             opt.zero_grad(set_to_none=True)
             if args.method == "dsmae":
-                momentum = ema_momentum(step, total_steps, args.ema_start, args.ema_end)
+                momentum = ema_momentum(step, total_steps, args.ema_start, args.ema_end, eff_batch, args.ema_ref_batch)
                 raw_model.update_teacher(momentum)
             step += 1
             steps_log += 1
