@@ -38,8 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from models import DSMAE, MAE, MODELS, ViT, bf16_is_fast, init_weights, patchify, sincos_pos_embed
-from pretrain import param_groups
+from models import DSMAE, MAE, MODELS, ViT, bf16_is_fast, init_weights, param_groups, patchify, sincos_pos_embed
 
 CONFIGS = {  # the configurations the project is measured on (tiny: the tests)
     "C1": dict(img_size=32, patch_size=4, model="vit_tiny", batch_size=64, decoder_dim=128),

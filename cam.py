@@ -180,8 +180,8 @@ def evaluating(model):
 def class_map(model, x, method="gradcam", target="pred", y=None, layer=None):
     """Maps for a batch x (B, C, H, W), normalised as the model expects.
 
-    Returns (maps (B, h, w) >= 0 at the layer's resolution, logits (B, K), target classes (B,)),
-    plus, for method "attention", per-head maps (B, heads, h, w) as a fourth item.
+    Returns (maps (B, h, w) >= 0 at the layer's resolution, logits (B, K), target classes (B,),
+    per-head maps (B, heads, h, w) for method "attention", else None).
     """
     with evaluating(model):
         if method == "attention":
@@ -203,7 +203,7 @@ def class_map(model, x, method="gradcam", target="pred", y=None, layer=None):
                 A = rec["act"]                                     # (B, C, h, w)
                 cls = pick_target(logits, target, y)
                 w = head_weight(model, A.shape[1])[cls]            # (B, C)
-                return F.relu(torch.einsum("bc,bchw->bhw", w.float(), A.float())), logits, cls
+                return F.relu(torch.einsum("bc,bchw->bhw", w.float(), A.float())), logits, cls, None
         if method != "gradcam":
             raise ValueError(f"unknown method {method!r}")
         with torch.enable_grad(), recording(module, where) as rec:
@@ -214,7 +214,7 @@ def class_map(model, x, method="gradcam", target="pred", y=None, layer=None):
             (grad,) = torch.autograd.grad(score, rec["act"])       # no .grad left on the parameters
         A, G = as_maps(rec["act"].detach(), model, x), as_maps(grad, model, x)
         alpha = G.float().mean(dim=(2, 3), keepdim=True)           # (B, C, 1, 1) channel weights
-        return F.relu((alpha * A.float()).sum(dim=1)), logits.detach(), cls
+        return F.relu((alpha * A.float()).sum(dim=1)), logits.detach(), cls, None
 
 
 # ----------------------------------------------------------------------------- AIL
@@ -323,8 +323,8 @@ def load_images(args, img_size, variant, in_chans):
     if args.dataset == "dicom":
         opts["channels"] = in_chans                  # 1 or 3, as the model was trained
     try:
-        return data.build_dataset(args.dataset, args.split, args.data_dir, img_size, args.download, args.seed,
-                                  args.num_workers, **opts)
+        return data.build_dataset(args.dataset, args.split, data_dir=args.data_dir, img_size=img_size,
+                                  download=args.download, seed=args.seed, num_workers=args.num_workers, **opts)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
 
@@ -342,8 +342,7 @@ def explain(model, meta, ds, args, name, device, out_dir):
         xb = ds.x[i:min(i + args.batch_size, n)]
         yb = ds.y[i:i + len(xb)] if ds.y is not None else None
         x = data.preprocess(xb.to(device), meta["img_size"], meta["mean"], meta["std"])
-        out = class_map(model, x, args.method, args.target, yb, layer)
-        maps, logits, cls = out[0], out[1], out[2]
+        maps, logits, cls, heads = class_map(model, x, args.method, args.target, yb, layer)
         full = resize_map(maps, xb.shape[-2:]).cpu()               # (B, H, W): the image's resolution
         masks = ds.masks[i:i + len(xb)] if ds.masks is not None else None
         a = ail(full, masks) if masks is not None else torch.full((len(xb),), float("nan"))
@@ -361,9 +360,8 @@ def explain(model, meta, ds, args, name, device, out_dir):
             im, hm, over = tiles(xb[k], full[k], masks[k, 0] if masks is not None else None)
             if j < n_panels:
                 parts = [im, hm, over]
-                if len(out) > 3:                                   # attention: one more tile per head
-                    heads = resize_map(out[3][k].cpu(), xb.shape[-2:])
-                    parts += [tiles(xb[k], h)[1] for h in heads]
+                if heads is not None:                              # attention: one more tile per head
+                    parts += [tiles(xb[k], h)[1] for h in resize_map(heads[k].cpu(), xb.shape[-2:])]
                 ail_txt = f"{row['ail'] * 100:.1f}%" if masks is not None else "n/a"
                 save_panel(os.path.join(out_dir, "panels", f"{iid}.png"), parts,
                            f"{name} | pred {row['predicted']} ({row['score']:.2f}) | true {true} | AIL {ail_txt}",
@@ -411,7 +409,7 @@ def table(summaries):
 
 def main(args):
     # ---- setup
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = models.resolve_device(args.device)
     names = args.name or [os.path.basename(os.path.dirname(os.path.abspath(c))) for c in args.checkpoint]
     if len(names) != len(args.checkpoint):
         raise SystemExit(f"{len(names)} --name for {len(args.checkpoint)} --checkpoint")
@@ -429,7 +427,7 @@ def main(args):
             raise SystemExit(f"error: {e}")
         if args.method == "attention" and meta["kind"] != "vit":
             raise SystemExit(f"--method attention needs a ViT; {path} holds a {meta['kind']}")
-        saved = torch.load(path, map_location="cpu", weights_only=True).get("args") or {}
+        saved = models.read_checkpoint(path).get("args") or {}
         variant = args.variant or saved.get("variant") or "full"
 
         # ---- data: the split at the resolution the maps and AIL are computed at
@@ -446,7 +444,10 @@ def main(args):
             print(f"{name}: no lung masks (--masks DIR with --dataset dicom): AIL is n/a")
 
         # ---- maps, pictures, per-image CSV, per-model summary
-        rows, shown[name] = explain(model, meta, ds, args, name, device, os.path.join(args.output_dir, name))
+        try:                                             # a method the model cannot take, a class it lacks
+            rows, shown[name] = explain(model, meta, ds, args, name, device, os.path.join(args.output_dir, name))
+        except ValueError as e:
+            raise SystemExit(f"error: {path}: {e}")
         summaries.append(summarise(name, variant, args.method, rows, ds.masks))
         del model
 

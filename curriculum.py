@@ -33,9 +33,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from finetune import cosine_lr, evaluate, save_checkpoint     # the same schedule, metrics and atomic save
-from models import (DSMAE, EMA, MAE, MODELS, RESNETS, ViT, bf16_is_fast, build_resnet, ema_momentum,
-                    extract_features, knn_predict, per_class_accuracy)
+from models import (DSMAE, EMA, MAE, MODELS, RESNETS, ViT, bf16_is_fast, build_resnet, ema_momentum, evaluate,
+                    extract_features, knn_predict, param_groups, per_class_accuracy, resolve_device, save_checkpoint)
 
 PRETEXT = ("rotation", "relloc", "moco", "swav", "simclr", "byol", "dino", "mae", "dsmae")
 
@@ -64,10 +63,12 @@ def get_args(argv=None):
     p.add_argument("--cls-epochs", type=int, default=150, help="classification epochs (thesis 150)")
     p.add_argument("--cls-search-epochs", type=int, default=70, help="thesis 70")
     p.add_argument("--cls-batch-size", type=int, default=64)
-    p.add_argument("--lr-grid", default="0.01,0.058,0.106,0.155,0.203,0.25", help="SGD stages (thesis: these 6)")
-    p.add_argument("--lars-lr-grid", default="0.3,0.6,1.2", help="LARS (SwAV): the step is lr * 0.001 * |w| / |g|")
-    p.add_argument("--adamw-lr-grid", default="1.5e-4,5e-4,1.5e-3", help="AdamW (mae, dsmae)")
-    p.add_argument("--cls-lr-grid", default=None, help="classification (default: --lr-grid)")
+    p.add_argument("--lr-grid", type=floats, default="0.01,0.058,0.106,0.155,0.203,0.25",
+                   help="SGD stages (thesis: these 6)")
+    p.add_argument("--lars-lr-grid", type=floats, default="0.3,0.6,1.2",
+                   help="LARS (SwAV): the step is lr * 0.001 * |w| / |g|")
+    p.add_argument("--adamw-lr-grid", type=floats, default="1.5e-4,5e-4,1.5e-3", help="AdamW (mae, dsmae)")
+    p.add_argument("--cls-lr-grid", type=floats, default=None, help="classification (default: --lr-grid)")
     p.add_argument("--opt", default="auto", choices=["auto", "sgd", "lars", "adamw"],
                    help="auto: the thesis' Table 4.3 (SGD momentum 0.9, wd 1e-4; LARS for SwAV), AdamW for MAE")
     p.add_argument("--search-metric", default="task", choices=["task", "knn"],
@@ -102,6 +103,17 @@ def get_args(argv=None):
 
 
 # ----------------------------------------------------------------------------- small helpers
+
+def floats(s):
+    return [float(v) for v in s.split(",")]
+
+
+# the schedule is written out in each script on purpose, so a script copies with models.py and data.py
+def cosine_lr(step, total, warmup, base):
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * min((step - warmup) / max(total - warmup, 1), 1.0)))
+
 
 def mlp(dim, hidden, out, bn=False):
     """Projection MLP: Linear, [BatchNorm], ReLU, Linear (MoCo v2 / SimCLR; BYOL with BatchNorm)."""
@@ -140,18 +152,27 @@ def make_optimizer(kind, model, lr):
     params = [p for p in model.parameters() if p.requires_grad]
     if kind == "lars":
         return LARS(params, lr)
-    if kind == "adamw":       # MAE's: no decay on norms, biases and tokens
-        decay = [p for p in params if p.ndim > 1]
-        return torch.optim.AdamW([dict(params=decay, weight_decay=0.05),
-                                  dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0)],
-                                 lr=lr, betas=(0.9, 0.95))
+    if kind == "adamw":       # MAE's: no decay on norms, biases and tokens (each group's lr_scale is 1, unused)
+        return torch.optim.AdamW(param_groups(model, 0.05), lr=lr, betas=(0.9, 0.95))
     return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)   # thesis Table 4.3
 
 
 # ----------------------------------------------------------------------------- pretext tasks
-# Each task: a head, a loss and the views it needs. forward(x uint8 (B, C, H, W), y) -> (loss, accuracy
-# or None); step_done(step, total) after each optimiser step (EMA encoders, prototypes).
-# Views: self.aug (random crop + flip, normalised) and self.plain (resize + normalise).
+
+class Task(nn.Module):
+    """A stage's head (and views, encoders, queues) on the shared backbone. forward(x uint8 (B, C, H, W),
+    y) -> (loss, accuracy or None); step_done(step, total) after each optimiser step (EMA encoders,
+    prototypes). Views: aug (random crop + flip, normalised), plain (resize + normalise). The validation
+    score is the accuracy or minus the loss, as `metric` says."""
+    metric = "loss"
+
+    def __init__(self, aug, plain):
+        super().__init__()
+        self.aug, self.plain = aug, plain
+
+    def step_done(self, step, total):
+        pass
+
 
 def rotate_batch(x):
     """Each image at 0, 90, 180 and 270 degrees: (4B, C, H, W) and labels (4B,) = the quarter turns."""
@@ -159,23 +180,19 @@ def rotate_batch(x):
     return torch.cat([torch.rot90(x, k, dims=(2, 3)) for k in range(4)]), labels
 
 
-class Rotation(nn.Module):
+class Rotation(Task):
     """RotNet (Gidaris et al. 2018): which of four rotations was applied. Every image goes in at all four
     angles, so each batch is balanced."""
     metric = "accuracy"
 
-    def __init__(self, backbone, dim, aug, plain, **_):
-        super().__init__()
-        self.backbone, self.aug, self.plain = backbone, aug, plain
-        self.head = nn.Linear(dim, 4)
+    def __init__(self, backbone, dim, aug, plain):
+        super().__init__(aug, plain)
+        self.backbone, self.head = backbone, nn.Linear(dim, 4)
 
     def forward(self, x, y=None):
         v, labels = rotate_batch(self.aug(x) if self.training else self.plain(x))
         logits = self.head(self.backbone(v)).float()
         return F.cross_entropy(logits, labels), (logits.argmax(1) == labels).float().mean()
-
-    def step_done(self, step, total):
-        pass
 
 
 def relloc_pairs(x, gap, jitter):
@@ -199,14 +216,14 @@ def relloc_pairs(x, gap, jitter):
     return patches[:, 0], patches[:, 1], label, corners
 
 
-class RelLoc(nn.Module):
+class RelLoc(Task):
     """Relative patch location: from the features of the centre patch and one neighbour, which of the 8
     neighbours it is. A ViT sees each patch resized to its image size; a ResNet sees it as it is."""
     metric = "accuracy"
 
-    def __init__(self, backbone, dim, aug, plain, img_size, gap_fraction=0.3, vit=False, **_):
-        super().__init__()
-        self.backbone, self.aug, self.plain = backbone, aug, plain
+    def __init__(self, backbone, dim, aug, plain, img_size, gap_fraction=0.3, vit=False):
+        super().__init__(aug, plain)
+        self.backbone = backbone
         self.gap = max(3, round(gap_fraction * (img_size // 3)))
         self.jitter, self.resize = self.gap // 3, img_size if vit else None
         self.head = nn.Sequential(nn.Linear(2 * dim, 512), nn.ReLU(inplace=True), nn.Linear(512, 8))
@@ -220,9 +237,6 @@ class RelLoc(nn.Module):
         logits = self.head(torch.cat(f.chunk(2), dim=1)).float()
         return F.cross_entropy(logits, labels), (logits.argmax(1) == labels).float().mean()
 
-    def step_done(self, step, total):
-        pass
-
 
 def info_nce(q, k, negatives, temperature):
     """MoCo's InfoNCE: q, k (B, D) and negatives (K, D), all unit vectors; the positive is logit 0."""
@@ -230,16 +244,15 @@ def info_nce(q, k, negatives, temperature):
     return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
 
 
-class MoCo(nn.Module):
+class MoCo(Task):
     """MoCo v2 (Chen et al. 2020): a query encoder (backbone + MLP), a key encoder that is its EMA, a FIFO
     queue of past keys as negatives. The key encoder runs in eval mode (models.EMA), so its BatchNorm
     uses running statistics: on one device that removes the batch-statistics leak that shuffle-BN exists
     to block."""
-    metric = "loss"
 
-    def __init__(self, backbone, dim, aug, plain, proj_dim=128, queue=4096, temperature=0.2, ema=0.99, **_):
-        super().__init__()
-        self.backbone, self.aug, self.plain, self.t, self.ema = backbone, aug, plain, temperature, ema
+    def __init__(self, backbone, dim, aug, plain, proj_dim=128, queue=4096, temperature=0.2, ema=0.99):
+        super().__init__(aug, plain)
+        self.backbone, self.t, self.ema = backbone, temperature, ema
         self.projector = mlp(dim, dim, proj_dim)
         self.key = EMA(nn.Sequential(backbone, self.projector))
         self.register_buffer("queue", F.normalize(torch.randn(queue, proj_dim), dim=1))
@@ -253,15 +266,11 @@ class MoCo(nn.Module):
         with torch.no_grad():
             k = F.normalize(self.key(v_k).float(), dim=1)
         loss = info_nce(q, k, self.queue.clone(), self.t)
-        if self.training:
-            self.enqueue(k)
+        if self.training:                                   # FIFO: the oldest keys are overwritten first
+            i = (self.ptr + torch.arange(len(k), device=k.device)) % len(self.queue)
+            self.queue[i] = k
+            self.ptr.copy_((self.ptr + len(k)) % len(self.queue))
         return loss, None
-
-    @torch.no_grad()
-    def enqueue(self, k):
-        i = (self.ptr + torch.arange(len(k), device=k.device)) % len(self.queue)    # oldest keys first out
-        self.queue[i] = k
-        self.ptr.copy_((self.ptr + len(k)) % len(self.queue))
 
     def step_done(self, step, total):
         self.key.update(nn.Sequential(self.backbone, self.projector), self.ema)
@@ -280,15 +289,14 @@ def sinkhorn(scores, eps=0.05, iters=3):
     return (Q * B).T
 
 
-class SwAV(nn.Module):
+class SwAV(Task):
     """SwAV (Caron et al. 2020), two views: codes of one view by Sinkhorn over the prototype scores
     (with a queue of past features once it is full: --swav-queue batches), predicted from the other.
     Prototypes are kept unit-norm. Multi-crop is left out."""
-    metric = "loss"
 
-    def __init__(self, backbone, dim, aug, plain, proj_dim=128, prototypes=100, queue=256, temperature=0.1, **_):
-        super().__init__()
-        self.backbone, self.aug, self.plain, self.t = backbone, aug, plain, temperature
+    def __init__(self, backbone, dim, aug, plain, proj_dim=128, prototypes=100, queue=256, temperature=0.1):
+        super().__init__(aug, plain)
+        self.backbone, self.t = backbone, temperature
         self.projector = mlp(dim, dim, proj_dim)
         self.prototypes = nn.Linear(proj_dim, prototypes, bias=False)
         self.step_done(0, 1)
@@ -317,14 +325,13 @@ class SwAV(nn.Module):
         self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
 
 
-class SimCLR(nn.Module):
+class SimCLR(Task):
     """SimCLR (Chen et al. 2020; slides 003): NT-Xent over 2B views, the other view of an image is the
     positive and the remaining 2B - 2 the negatives."""
-    metric = "loss"
 
-    def __init__(self, backbone, dim, aug, plain, proj_dim=128, temperature=0.2, **_):
-        super().__init__()
-        self.backbone, self.aug, self.plain, self.t = backbone, aug, plain, temperature
+    def __init__(self, backbone, dim, aug, plain, proj_dim=128, temperature=0.2):
+        super().__init__(aug, plain)
+        self.backbone, self.t = backbone, temperature
         self.projector = mlp(dim, dim, proj_dim)
 
     def forward(self, x, y=None):
@@ -333,19 +340,15 @@ class SimCLR(nn.Module):
         sim = (z @ z.T / self.t).masked_fill(torch.eye(2 * B, dtype=torch.bool, device=z.device), float("-inf"))
         return F.cross_entropy(sim, torch.arange(2 * B, device=z.device).roll(B)), None
 
-    def step_done(self, step, total):
-        pass
 
-
-class BYOL(nn.Module):
+class BYOL(Task):
     """BYOL (Grill et al. 2020; slides 003): the online network (backbone, projector, predictor) predicts
     the target's projection of the other view, loss 2 - 2 cos; the target is the online EMA (momentum
     cosine from --ema to 1), in eval mode (see MoCo)."""
-    metric = "loss"
 
-    def __init__(self, backbone, dim, aug, plain, proj_dim=128, ema=0.99, **_):
-        super().__init__()
-        self.backbone, self.aug, self.plain, self.ema = backbone, aug, plain, ema
+    def __init__(self, backbone, dim, aug, plain, proj_dim=128, ema=0.99):
+        super().__init__(aug, plain)
+        self.backbone, self.ema = backbone, ema
         self.projector = mlp(dim, 2 * dim, proj_dim, bn=True)
         self.predictor = mlp(proj_dim, 2 * dim, proj_dim, bn=True)
         self.target = EMA(nn.Sequential(backbone, self.projector))
@@ -375,15 +378,14 @@ class DINOHead(nn.Module):
         return F.normalize(self.mlp(x), dim=-1) @ F.normalize(self.last, dim=-1).T
 
 
-class DINO(nn.Module):
+class DINO(Task):
     """DINO (Caron et al. 2021), the slides' Algorithm 1 without multi-crop: cross-entropy between the
     teacher's centred, sharpened output on one view and the student's on the other."""
-    metric = "loss"
 
     def __init__(self, backbone, dim, aug, plain, out_dim=1024, ema=0.99, t_student=0.1, t_teacher=0.04,
-                 center_momentum=0.9, **_):
-        super().__init__()
-        self.backbone, self.aug, self.plain, self.ema = backbone, aug, plain, ema
+                 center_momentum=0.9):
+        super().__init__(aug, plain)
+        self.backbone, self.ema = backbone, ema
         self.ts, self.tt, self.cm = t_student, t_teacher, center_momentum
         self.head = DINOHead(dim, out_dim)
         self.teacher = EMA(nn.Sequential(backbone, self.head))
@@ -405,15 +407,12 @@ class DINO(nn.Module):
         self.teacher.update(nn.Sequential(self.backbone, self.head), ema_momentum(step, total, self.ema, 1.0))
 
 
-class Masked(nn.Module):
-    """MAE or DS-MAE from models.py with the backbone ViT as their encoder (the notes' first stage)."""
-    metric = "loss"
+class Masked(Task):
+    """MAE or DS-MAE from models.py with the backbone ViT as their encoder (the notes' first stage).
+    mask_ratio is MAE's; DS-MAE keeps its own noise ratio (0.9 of the patches)."""
 
-    def __init__(self, backbone, dim, aug, plain, method="mae", mask_ratio=0.75, decoder_dim=128, decoder_depth=2, **_):
-        super().__init__()
-        if not isinstance(backbone, ViT):
-            raise SystemExit(f"stage {method} needs a ViT backbone (--backbone vit_*)")
-        self.aug, self.plain = aug, plain
+    def __init__(self, backbone, dim, aug, plain, method="mae", mask_ratio=0.75, decoder_dim=128, decoder_depth=2):
+        super().__init__(aug, plain)
         self.model = MAE(backbone, decoder_dim=decoder_dim, decoder_depth=decoder_depth, mask_ratio=mask_ratio) \
             if method == "mae" else DSMAE(backbone, decoder_dim=decoder_dim, decoder_depth=decoder_depth)
 
@@ -425,14 +424,14 @@ class Masked(nn.Module):
             self.model.update_teacher(ema_momentum(step, total))
 
 
-class Classify(nn.Module):
+class Classify(Task):
     """The last stage: the backbone with its own head (ResNet fc, ViT head) set to a new Linear, so the
     module saved is the classifier itself. linear=True freezes the backbone and keeps it in eval mode."""
     metric = "accuracy"
 
-    def __init__(self, backbone, dim, aug, plain, num_classes=2, linear=False, **_):
-        super().__init__()
-        self.model, self.aug, self.plain, self.linear = backbone, aug, plain, linear
+    def __init__(self, backbone, dim, aug, plain, num_classes=2, linear=False):
+        super().__init__(aug, plain)
+        self.model, self.linear = backbone, linear
         self.attr = "fc" if hasattr(backbone, "fc") else "head"
         setattr(backbone, self.attr, nn.Linear(dim, num_classes))
         if linear:
@@ -448,9 +447,6 @@ class Classify(nn.Module):
     def forward(self, x, y):
         logits = self.model(self.aug(x) if self.training else self.plain(x)).float()
         return F.cross_entropy(logits, y), (logits.argmax(1) == y).float().mean()
-
-    def step_done(self, step, total):
-        pass
 
 
 def make_task(name, backbone, dim, aug, plain, args, batch_size, num_classes, n_train):
@@ -471,7 +467,7 @@ def make_task(name, backbone, dim, aug, plain, args, batch_size, num_classes, n_
     return cls(backbone, dim, aug, plain, **kw)
 
 
-# ----------------------------------------------------------------------------- training, scoring, one stage
+# ----------------------------------------------------------------------------- the stage runner: lr search, resume
 
 class Pooled(nn.Module):
     """Any backbone's pooled features as a one-token sequence, so that models.extract_features reads
@@ -520,26 +516,24 @@ def train_epochs(task, opt, ds, lr, e0, e1, epochs, batch_size, seed, device, am
 
 
 @torch.no_grad()
-def score_task(name, task, backbone, val, ctx):
+def score_task(task, backbone, train, val, metric, batch_size, device, amp):
     """Validation score of a trial, higher is better: mean per-class accuracy for the classifier; for a
     pretext task its accuracy (rotation, relloc) or minus its loss (the others), or the k-NN mean
-    per-class accuracy of the backbone with --search-metric knn. Views drawn with a fixed seed."""
-    dev, amp, plain = ctx["device"], ctx["amp"], ctx["plain"]
-    if name == "classify":
-        return evaluate(task.model, val, ctx["img_size"], val.mean, val.std, dev, amp)["mean_per_class"]
-    if ctx["metric"] == "knn":
-        train = ctx["train"]
+    per-class accuracy of the backbone with metric "knn". Views drawn with a fixed seed."""
+    if isinstance(task, Classify):
+        return evaluate(task.model, val.x, val.y, task.plain, len(val.classes), amp)["mean_per_class"]
+    if metric == "knn":
         keep = torch.linspace(0, len(train) - 1, min(2000, len(train))).long()
-        ftr = extract_features(Pooled(backbone), train.x[keep], plain, device=dev, amp=amp)[0]
-        fva = extract_features(Pooled(backbone), val.x, plain, device=dev, amp=amp)[0]
-        pred = knn_predict(ftr, train.y[keep].to(dev), fva, len(train.classes))
-        return per_class_accuracy(pred, val.y.to(dev), len(train.classes)).nanmean().item() * 100
+        ftr = extract_features(Pooled(backbone), train.x[keep], task.plain, device=device, amp=amp)[0]
+        fva = extract_features(Pooled(backbone), val.x, task.plain, device=device, amp=amp)[0]
+        pred = knn_predict(ftr, train.y[keep].to(device), fva, len(train.classes))
+        return per_class_accuracy(pred, val.y.to(device), len(train.classes)).nanmean().item() * 100
     task.eval()
     total, n = 0.0, 0
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
-        for i in range(0, len(val), ctx["batch_size"]):
-            x = val.x[i:i + ctx["batch_size"]].to(dev)
+        for i in range(0, len(val), batch_size):
+            x = val.x[i:i + batch_size].to(device)
             if len(x) < 2:
                 continue
             with amp:
@@ -550,27 +544,62 @@ def score_task(name, task, backbone, val, ctx):
     return total / n
 
 
-def run_stage(name, sdir, backbone, dim, grid, epochs, search_epochs, batch_size, ctx, extra=None):
+# Flags that cannot change what a stage computes: where output goes, how fast and on what it runs (device
+# and precision change results only as other hardware does; a stage begun on a GPU may end on a CPU).
+# --stages is left out because a stage's folder is already named by the stages that led to it.
+NOT_CONFIG = ("output_dir", "results", "device", "precision", "num_workers", "cache_dir", "download", "stages")
+
+
+def stage_config(args, name):
+    """Every other flag: a finished stage or trial is reused only if all of them match. Pretext stages
+    leave out the classifier's cls_* flags, which cannot change them, so runs differing only in the
+    classifier share their pretext stages (README: a second classifier schedule retrains only the
+    classifiers). Other stages' flags (--mask-ratio for rotation) stay: stricter than needed, but there
+    is no list of which flag belongs to which stage to keep in step with get_args."""
+    return {k: v for k, v in vars(args).items()
+            if k not in NOT_CONFIG and (name == "classify" or not k.startswith("cls_"))}
+
+
+def check_config(saved, wanted, path):
+    diff = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
+    if diff:
+        raise SystemExit(f"{path} was made with other settings ({diff}, saved vs now); choose another --output-dir")
+
+
+def stage_settings(name, args):
+    """(optimiser, lr grid, epochs, search epochs, batch size) of a stage: the classifier has its own."""
+    kind = optimizer_kind(name, args.opt)
+    if name == "classify":
+        return kind, args.cls_lr_grid or args.lr_grid, args.cls_epochs, args.cls_search_epochs, args.cls_batch_size
+    grid = dict(sgd=args.lr_grid, lars=args.lars_lr_grid, adamw=args.adamw_lr_grid)[kind]
+    return kind, grid, args.epochs, args.search_epochs, args.batch_size
+
+
+def run_stage(name, sdir, backbone, dim, args, train, val, device, amp, extra=None):
     """One stage: an lr trial per grid value from the backbone's current weights, the best continued to
-    `epochs`; writes sdir/trials.json and sdir/final.pt (with `extra`), whose backbone weights it leaves
-    loaded, then deletes the trial weights. A finished stage is read back; finished trials not rerun."""
-    os.makedirs(sdir, exist_ok=True)
-    final_path, cfg = os.path.join(sdir, "final.pt"), dict(ctx["config"], grid=grid, epochs=epochs,
-                                                           search_epochs=search_epochs, batch_size=batch_size)
-    kind = optimizer_kind(name, ctx["opt"])
+    the stage's epochs; writes sdir/trials.json and sdir/final.pt (with `extra`), whose backbone weights it
+    leaves loaded, then deletes the trial weights. A finished stage is read back; finished trials not rerun.
+    Returns final.pt's dict and the task (for the classifier, task.model is the classifier)."""
+    kind, grid, epochs, search_epochs, batch_size = stage_settings(name, args)
+    cfg, final_path = stage_config(args, name), os.path.join(sdir, "final.pt")
+    aug = lambda x: data.augment(x, args.img_size, train.mean, train.std, (args.crop_scale, 1.0), flip=args.hflip)
+    plain = lambda x: data.preprocess(x, args.img_size, train.mean, train.std)
     head_attr = "fc" if hasattr(backbone, "fc") else "head"
     setattr(backbone, head_attr, nn.Identity())                      # the pretext backbone has no head
     start = {k: v.clone() for k, v in backbone.state_dict().items()}
-    train, val = ctx["train"], ctx["val"]
 
     def fresh(lr):
         setattr(backbone, head_attr, nn.Identity())
         backbone.load_state_dict(start)
-        torch.manual_seed(ctx["seed"])                                # the same head for every lr
-        task = make_task(name, backbone, dim, ctx["aug"], ctx["plain"], ctx["args"], batch_size,
-                         len(train.classes), len(train)).to(ctx["device"])
-        return task, make_optimizer(kind, task, lr)
+        torch.manual_seed(args.seed)                                  # the same head for every lr
+        task = make_task(name, backbone, dim, aug, plain, args, batch_size, len(train.classes), len(train))
+        return task.to(device), make_optimizer(kind, task, lr)
 
+    def run(task, opt, lr, e0, e1):                                   # -> train loss, validation score
+        loss = train_epochs(task, opt, train, lr, e0, e1, epochs, batch_size, args.seed, device, amp, f"{name} lr {lr:g}")
+        return loss, score_task(task, backbone, train, val, args.search_metric, batch_size, device, amp)
+
+    os.makedirs(sdir, exist_ok=True)
     if os.path.exists(final_path):
         done = torch.load(final_path, map_location="cpu", weights_only=True)
         check_config(done["config"], cfg, final_path)
@@ -585,12 +614,10 @@ def run_stage(name, sdir, backbone, dim, grid, epochs, search_epochs, batch_size
             trial = torch.load(path, map_location="cpu", weights_only=True)
             check_config(trial["config"], cfg, path)
         else:
-            task, opt = fresh(lr)
-            t1 = time.time()
-            loss = train_epochs(task, opt, train, lr, 0, min(search_epochs, epochs), epochs, batch_size, ctx["seed"],
-                                ctx["device"], ctx["amp"], f"{name} lr {lr:g}")
-            trial = dict(task=task.state_dict(), opt=opt.state_dict(), lr=lr, loss=loss, config=cfg,
-                         score=score_task(name, task, backbone, val, ctx), seconds=time.time() - t1)
+            (task, opt), t1 = fresh(lr), time.time()
+            loss, score = run(task, opt, lr, 0, min(search_epochs, epochs))
+            trial = dict(task=task.state_dict(), opt=opt.state_dict(), lr=lr, loss=loss, config=cfg, score=score,
+                         seconds=time.time() - t1)
             save_checkpoint(trial, path)
         trials[lr] = trial["score"]
         print(f"  {name} lr {lr:g}: score {trial['score']:.2f} (train loss {trial['loss']:.4f}, {trial['seconds']:.0f}s)")
@@ -600,10 +627,8 @@ def run_stage(name, sdir, backbone, dim, grid, epochs, search_epochs, batch_size
     task.load_state_dict(trial["task"])
     opt.load_state_dict(trial["opt"])
     score = trial["score"]
-    if epochs > search_epochs:
-        train_epochs(task, opt, train, best, search_epochs, epochs, epochs, batch_size, ctx["seed"], ctx["device"],
-                     ctx["amp"], f"{name} lr {best:g}")
-        score = score_task(name, task, backbone, val, ctx)
+    if epochs > search_epochs:                                        # the best trial continues where it stopped
+        score = run(task, opt, best, search_epochs, epochs)[1]
     done = dict(model=(task.model if name == "classify" else backbone).state_dict(), stage=name, lr=best, score=score,
                 trials={f"{k:g}": v for k, v in trials.items()}, seconds=time.time() - t0, config=cfg, **(extra or {}))
     save_checkpoint(done, final_path)
@@ -614,41 +639,29 @@ def run_stage(name, sdir, backbone, dim, grid, epochs, search_epochs, batch_size
     return done, task
 
 
-def check_config(saved, wanted, path):
-    diff = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
-    if diff:
-        raise SystemExit(f"{path} was made with other settings ({diff}, saved vs now); choose another --output-dir")
-
-
 # ----------------------------------------------------------------------------- data, results table
 
 def load_data(args):
     """Labelled train, validation and test ImageSets. Validation: the dataset's val split where it has
     one (dicom), else the last --val-fraction of each class of train, held out deterministically."""
-    opts = data.data_options(args)
-    build = lambda split, download=False: data.build_dataset(args.dataset, split, args.data_dir, args.img_size,
-                                                             download, args.seed, args.num_workers, **opts)
     try:
-        train, test = build("train", args.download), build("test")
+        train = data.load_split(args, "train", args.img_size, args.download)
+        test = data.load_split(args, "test", args.img_size)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     if train.y is None or test.y is None:
         raise SystemExit(f"error: {args.dataset} has no labels here; the curriculum ends with a classifier")
     subset = lambda ds, idx: data.ImageSet(ds.x[idx], ds.y[idx], ds.classes, ds.mean, ds.std)
     try:
-        val, source = build("val"), "val split"
+        val, source = data.load_split(args, "val", args.img_size), "val split"
         if len(val) == 0:                               # a CSV split column without val rows
             raise ValueError("empty val split")
     except ValueError:
         val = subset(train, data.holdout_split(train.y, len(train), "test", args.val_fraction))
         train = subset(train, data.holdout_split(train.y, len(train), "train", args.val_fraction))
         source = f"last {args.val_fraction:g} of each class of train"
-    for name, limit in (("train", args.max_train), ("val", args.max_val)):
-        ds = train if name == "train" else val
-        if limit and limit < len(ds):
-            ds = subset(ds, torch.linspace(0, len(ds) - 1, limit).long())
-            train, val = (ds, val) if name == "train" else (train, ds)
-    return train, val, test, source
+    evenly = lambda ds, n: subset(ds, torch.linspace(0, len(ds) - 1, n).long()) if n and n < len(ds) else ds
+    return evenly(train, args.max_train), evenly(val, args.max_val), test, source
 
 
 def append_row(path, row):
@@ -682,7 +695,7 @@ def print_table(path, cols=("stages", "variant", "seed", "best_lrs", "pretext_sc
 def main(args):
     # ---- setup
     t_start = time.time()
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     # auto: bf16 where it is fast, but not for ResNets on a CPU: there convolutions ran 1.8x slower in bf16
     # than in fp32 (resnet18, 32 px, AVX512-BF16 without AMX, measured 2026-11-26)
     use_bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_is_fast(device) and
@@ -695,16 +708,13 @@ def main(args):
             raise SystemExit(f"unknown stage {s!r}; choose from {', '.join(PRETEXT)}")
         if s in ("mae", "dsmae") and args.backbone in RESNETS:     # before any stage has trained
             raise SystemExit(f"stage {s} needs a ViT backbone (--backbone vit_*), not {args.backbone}")
-    grids = {k: [float(v) for v in g.split(",")] for k, g in (("sgd", args.lr_grid), ("lars", args.lars_lr_grid),
-             ("adamw", args.adamw_lr_grid), ("cls", args.cls_lr_grid or args.lr_grid))}
+    names = stages + ["classify"]
     out_dir = args.output_dir or os.path.join("runs", f"curriculum_{args.dataset}_{args.variant}_{args.backbone}")
     results = args.results or os.path.join(out_dir, "results.csv")
 
     # ---- data
     train, val, test, val_source = load_data(args)
     in_chans = train.x.shape[1]
-    aug = lambda x: data.augment(x, args.img_size, train.mean, train.std, (args.crop_scale, 1.0), flip=args.hflip)
-    plain = lambda x: data.preprocess(x, args.img_size, train.mean, train.std)
     if device.type == "cuda":                           # uint8 images on the GPU: crops run there too
         train.x, val.x = train.x.to(device), val.x.to(device)
 
@@ -719,45 +729,29 @@ def main(args):
         backbone = ViT(img_size=args.img_size, patch_size=args.patch_size, in_chans=in_chans, **MODELS[args.backbone])
         dim, bcfg = backbone.embed_dim, backbone.config()
     backbone.to(device)
-    # everything that changes a stage's result: a finished stage is reused only if all of it matches
-    keys = ("dataset", "data_dir", "backbone", "img_size", "patch_size", "seed", "max_train", "max_val",
-            "val_fraction", "crop_scale", "hflip", "search_metric", "opt", "cls_mode", "proj_dim", "temperature",
-            "moco_queue", "ema", "prototypes", "swav_queue", "dino_dim", "relloc_gap", "mask_ratio", "decoder_dim",
-            "decoder_depth")
-    config = {k: getattr(args, k) for k in keys}
-    config.update({k: v for k, v in data.data_options(args).items() if k != "cache_dir"})   # splits, channels, ...
-    ctx = dict(args=args, device=device, amp=amp, aug=aug, plain=plain, train=train, val=val, seed=args.seed,
-               img_size=args.img_size, metric=args.search_metric, opt=args.opt, batch_size=args.batch_size,
-               config=config)
-    print(f"curriculum {' -> '.join(stages + ['classify'])} | {args.backbone} ({dim}-d) on {args.dataset} "
+    # the classifier's final.pt is also a models.load_classifier checkpoint
+    meta = dict(backbone=args.backbone, backbone_config=bcfg, num_classes=len(train.classes), pool="cls",
+                data=dict(dataset=args.dataset, mean=list(train.mean), std=list(train.std),
+                          classes=list(train.classes)),
+                args=vars(args), **(dict(encoder_config=bcfg) if args.backbone not in RESNETS else {}))
+    print(f"curriculum {' -> '.join(names)} | {args.backbone} ({dim}-d) on {args.dataset} "
           f"({args.variant}), {args.img_size}px | {len(train)} train, {len(val)} val ({val_source}), {len(test)} test, "
           f"{len(train.classes)} classes | {device} | {'bf16' if use_bf16 else 'fp32'} | {out_dir}")
 
-    # ---- pretext stages, then the classifier; stage folders are named by the prefix of stages
+    # ---- pretext stages, then the classifier; a stage's folder is named by the stages up to it
     done, seconds = [], 0.0
-    for i, name in enumerate(stages + ["classify"]):
+    for i, name in enumerate(names):
         cls = name == "classify"
-        kind = optimizer_kind(name, args.opt)
-        prefix = "-".join(stages[:i + 1]) if not cls else "-".join(stages + ["classify"])
-        ctx["batch_size"] = args.cls_batch_size if cls else args.batch_size
-        # the classifier's final.pt is also a models.load_classifier checkpoint
-        extra = dict(backbone=args.backbone, backbone_config=bcfg, num_classes=len(train.classes), pool="cls",
-                     data=dict(dataset=args.dataset, mean=list(train.mean), std=list(train.std),
-                               classes=list(train.classes)), args=vars(args),
-                     **(dict(encoder_config=bcfg) if args.backbone not in RESNETS else {}))
-        stage, task = run_stage(name, os.path.join(out_dir, prefix), backbone, dim, grids["cls" if cls else kind],
-                                args.cls_epochs if cls else args.epochs,
-                                args.cls_search_epochs if cls else args.search_epochs, ctx["batch_size"], ctx,
-                                extra if cls else None)
+        stage, task = run_stage(name, os.path.join(out_dir, "-".join(names[:i + 1])), backbone, dim, args, train, val,
+                                device, amp, meta if cls else None)
         seconds += stage["seconds"]
         done.append(stage)
-        print(f"stage {i + 1} {name}: lr {stage['lr']:g}, validation score {stage['score']:.2f} "
-              f"({'mean per-class %' if cls or args.search_metric == 'knn' else Rotation.metric if name in ('rotation', 'relloc') else '-loss'})")
-    classifier = task.model
+        unit = "mean per-class %" if cls or args.search_metric == "knn" else \
+            "accuracy" if name in ("rotation", "relloc") else "-loss"
+        print(f"stage {i + 1} {name}: lr {stage['lr']:g}, validation score {stage['score']:.2f} ({unit})")
 
     # ---- test (once, with the chosen classifier), the results row
-    metrics = evaluate(classifier, test, args.img_size, train.mean, train.std, device, amp)
-    final_path = os.path.join(out_dir, "-".join(stages + ["classify"]), "final.pt")
+    metrics = evaluate(task.model, test.x, test.y, task.plain, len(test.classes), amp)
     row = dict(date=date.today().isoformat(), dataset=args.dataset, variant=args.variant, backbone=args.backbone,
                seed=args.seed, img_size=args.img_size, stages="+".join(stages) or "scratch",
                best_lrs=" ".join(f"{s['stage']}:{s['lr']:g}" for s in done),
@@ -765,7 +759,8 @@ def main(args):
                val_mean_per_class=round(done[-1]["score"], 2), top1=round(metrics["top1"], 2),
                mean_per_class=round(metrics["mean_per_class"], 2),
                per_class=" ".join(f"{c}:{a:.1f}" for c, a in zip(train.classes, metrics["per_class"])),
-               train_seconds=round(seconds), wall_seconds=round(time.time() - t_start), checkpoint=final_path)
+               train_seconds=round(seconds), wall_seconds=round(time.time() - t_start),
+               checkpoint=os.path.join(out_dir, "-".join(names), "final.pt"))
     os.makedirs(os.path.dirname(results) or ".", exist_ok=True)
     append_row(results, row)
     print(f"test: top-1 {metrics['top1']:.2f}, mean per-class {metrics['mean_per_class']:.2f}, per class "

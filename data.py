@@ -21,7 +21,6 @@ import argparse
 import os
 import pickle
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -54,11 +53,18 @@ STATS = {  # published per-channel statistics of the training splits
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def build_dataset(name, split="train", data_dir="data", img_size=32, download=False, seed=0, num_workers=4,
+# the model and patch geometry each dataset is evaluated with when no checkpoint says otherwise: the
+# paper's Table 1 for CIFAR and STL-10, the lab configuration for synthetic (name, img_size, patch_size)
+GEOMETRY = {"synthetic": ("vit_micro", 32, 4), "cifar10": ("vit_tiny", 32, 2), "cifar100": ("vit_tiny", 32, 2),
+            "stl10": ("vit_small", 96, 6), "npz": ("vit_tiny", 32, 4), "folder": ("vit_small", 224, 16),
+            "dicom": ("vit_small", 224, 16)}
+
+
+def build_dataset(name, split="train", *, data_dir="data", img_size=32, download=False, seed=0, num_workers=4,
                   variant="full", **xray):
     """One split of one dataset as an ImageSet. Raises FileNotFoundError naming the place it
-    looked and what to run when the files are missing. `xray` holds the dicom options
-    (data_options(args)); `variant` other than full needs lung masks."""
+    looked and what to run when the files are missing, ValueError for files it cannot use.
+    `xray` holds the dicom options (data_options(args)); `variant` other than full needs lung masks."""
     if name == "dicom":
         return load_xray(data_dir, split, img_size, seed=seed, num_workers=num_workers, variant=variant, **xray)
     if variant != "full":
@@ -66,20 +72,88 @@ def build_dataset(name, split="train", data_dir="data", img_size=32, download=Fa
     if name == "synthetic":
         return synthetic_shapes(split, img_size, seed)
     if name in ("cifar10", "cifar100"):
-        with rank0_first(download):                    # one download, not one per DDP rank
-            return load_cifar(data_dir, split, name, download)
+        return load_cifar(data_dir, split, name, download)
     if name == "stl10":
-        with rank0_first(download):
-            return load_stl10(data_dir, split, download)
+        return load_stl10(data_dir, split, download)
     if name == "npz":
         return load_npz(data_dir, split)
     if name == "folder":
-        return load_folder(data_dir, split, img_size, num_workers)
+        return load_folder(data_dir, split, img_size, num_workers, xray.get("skip_bad", False))
     raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
 
 
-def channel_stats(x, chunk=4096):
-    """Per-channel mean and std in [0, 1] of a uint8 (N, C, H, W) tensor, in float64."""
+def load_split(args, split, img_size, download=False):
+    """build_dataset with the flags every script shares (--dataset, --data-dir, --seed,
+    --num-workers and add_data_args' X-ray flags). Under torchrun, one decoded copy per machine:
+    see shared_per_machine."""
+    build = lambda: build_dataset(args.dataset, split, data_dir=args.data_dir, img_size=img_size, download=download,
+                                  seed=args.seed, num_workers=args.num_workers, **data_options(args))
+    key = (args.dataset, os.path.abspath(args.data_dir), split, img_size, args.seed, sorted(data_options(args).items()))
+    return shared_per_machine(build, key)
+
+
+# ----------------------------------------------------------------------------- batches and transforms, on the training device
+
+def epoch_batches(n, batch_size, epoch, seed, rank=0, world_size=1, start=0):
+    """Index tensors of this rank's part of each global batch of an epoch.
+
+    One permutation per (seed, epoch), identical on every rank; global batch b is
+    perm[b * batch_size : (b + 1) * batch_size] and rank r takes its r-th slice, so ranks read
+    disjoint shards and N ranks see exactly the images one process would. The incomplete last
+    batch is dropped; start skips batches already done (resume mid-epoch).
+    """
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    local = batch_size // world_size
+    for b in range(start, n // batch_size):
+        first = b * batch_size + rank * local
+        yield perm[first:first + local]
+
+
+def normalize(x, mean, std):
+    """uint8 or [0, 1] float images -> (x / 255 - mean) / std, in float32."""
+    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def preprocess(x, size, mean, std):
+    """Evaluation transform: resize (if needed) and normalise a uint8 batch."""
+    x = normalize(x, mean, std)
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x
+
+
+def augment(x, size, mean, std, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), flip=True):
+    """Random resized crop + horizontal flip + normalise, for a whole uint8 batch at once.
+
+    Each image gets its own crop (area fraction in `scale`, aspect in `ratio`, a crop that
+    would leave the image is shrunk to fit) as one affine transform, and one grid_sample
+    resamples the batch bilinearly. Uses the global RNG of x's device.
+    """
+    B, dev = x.shape[0], x.device
+    area = torch.empty(B, device=dev).uniform_(*scale)
+    logr = torch.empty(B, device=dev).uniform_(np.log(ratio[0]), np.log(ratio[1]))
+    w = (area * logr.exp()).sqrt().clamp(max=1.0)             # crop width / image width
+    h = (area / logr.exp()).sqrt().clamp(max=1.0)
+    cx = (torch.rand(B, device=dev) * 2 - 1) * (1 - w)         # crop centre in [-1, 1] coordinates
+    cy = (torch.rand(B, device=dev) * 2 - 1) * (1 - h)
+    sign = torch.where(torch.rand(B, device=dev) < 0.5, -1.0, 1.0) if flip else torch.ones(B, device=dev)
+    theta = torch.zeros(B, 2, 3, device=dev)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * sign, cx, h, cy
+    grid = F.affine_grid(theta, (B, x.shape[1], size, size), align_corners=False)
+    out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return normalize(out.div_(255), mean, std)
+
+
+# ----------------------------------------------------------------------------- statistics, splits, DDP
+
+def channel_stats(x, source="the images", chunk=4096):
+    """Per-channel mean and std in [0, 1] of a uint8 (N, C, H, W) tensor, in float64. A channel
+    without variation cannot be normalised (and holds nothing to learn): ValueError naming source."""
+    if len(x) == 0:
+        raise ValueError(f"{source}: no images")
     s = s2 = 0.0
     for i in range(0, len(x), chunk):
         c = x[i:i + chunk].double().div_(255)
@@ -88,6 +162,10 @@ def channel_stats(x, chunk=4096):
     n = x.shape[0] * x.shape[2] * x.shape[3]
     mean = s / n
     std = (s2 / n - mean ** 2).clamp_min(1e-12).sqrt()
+    flat = (std < 1e-3).nonzero().flatten().tolist()
+    if flat:
+        raise ValueError(f"{source}: channel {flat[0]} is constant (every pixel {mean[flat[0]] * 255:.0f}): nothing to "
+                         f"normalise or learn from; check the files")
     return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
 
 
@@ -102,25 +180,96 @@ def holdout_split(y, n, split, fraction=0.1):
     return torch.cat(keep).sort().values
 
 
-@contextmanager
-def rank0_first(enabled=True):
-    """Under DDP, rank 0 runs the block first while the other ranks wait, then they run it and read
-    what rank 0 wrote (a download, a decode cache) instead of all writing the same files at once. If
-    rank 0 fails, the others are released and meet the same error."""
-    ddp = enabled and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if ddp and dist.get_rank() != 0:
-        dist.barrier()
-    try:
-        yield
-    finally:
-        if ddp and dist.get_rank() == 0:
-            dist.barrier()
+# ----------------------------------------------------------------------------- one copy per machine under torchrun
+
+_DATA_GROUP = []
+
+
+def _data_group():
+    """A gloo group with a day's timeout, for ranks that wait on a download or a decode: on the
+    default group they would hit its collective timeout (NCCL's: 10 minutes) during a long decode."""
+    if not _DATA_GROUP:
+        from datetime import timedelta
+        _DATA_GROUP.append(dist.new_group(backend="gloo", timeout=timedelta(days=1)))
+    return _DATA_GROUP[0]
+
+
+def _meet(group, err):
+    """A barrier that carries errors: every rank raises the first error any rank met, so a missing
+    dataset stops all of them with the same one line instead of leaving the others waiting."""
+    errs = [None] * dist.get_world_size()
+    dist.all_gather_object(errs, None if err is None else (type(err).__name__, str(err)), group=group)
+    first = next((e for e in errs if e), None)
+    if first:
+        raise {"FileNotFoundError": FileNotFoundError, "MemoryError": MemoryError}.get(first[0], ValueError)(first[1])
+
+
+def _shared_prefix(key):
+    """Files of one torchrun job on one machine: in /dev/shm (memory) where there is one."""
+    import hashlib
+    import tempfile
+    job = [os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "GROUP_RANK")]
+    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    return os.path.join(base, "dsmae_" + hashlib.sha1(repr((key, job)).encode()).hexdigest()[:16])
+
+
+def _write_shared(ds, prefix):
+    import json
+    for name in ("x", "y", "masks"):
+        if getattr(ds, name) is not None:
+            np.save(f"{prefix}.{name}.npy", getattr(ds, name).numpy())
+    with open(f"{prefix}.json", "w") as f:
+        json.dump(dict(classes=[str(c) for c in ds.classes], mean=ds.mean, std=ds.std, ids=ds.ids), f)
+
+
+def _read_shared(prefix):
+    """The ImageSet written by _write_shared, its arrays memory-mapped copy-on-write: every rank
+    of the machine reads the same pages, and nothing here ever writes to them."""
+    import json
+    meta = json.load(open(f"{prefix}.json"))
+    arr = lambda n: torch.from_numpy(np.load(f"{prefix}.{n}.npy", mmap_mode="c")) \
+        if os.path.exists(f"{prefix}.{n}.npy") else None
+    return ImageSet(arr("x"), arr("y"), meta["classes"], tuple(meta["mean"]), tuple(meta["std"]), masks=arr("masks"),
+                    ids=meta["ids"])
+
+
+def shared_per_machine(build, key):
+    """build() once per machine under torchrun, and every rank maps that one decoded copy.
+
+    Global rank 0 builds first (downloads, writes decode caches) while every other rank waits;
+    then the first rank of each other machine (LOCAL_RANK 0), which finds those files in place on
+    a shared file system. Each builder writes its arrays to /dev/shm and maps them back, the other
+    ranks of its machine map them too, and the files are unlinked once all have mapped them (the
+    memory stays until the last rank exits). Host memory for the data: one copy per machine instead
+    of one per rank. Without torchrun: build() as it is."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return build()
+    # without torchrun's LOCAL_RANK (torch.multiprocessing.spawn), the ranks are taken as one machine's
+    group, rank = _data_group(), dist.get_rank()
+    leader = int(os.environ.get("LOCAL_RANK", rank)) == 0
+    prefix, err = _shared_prefix(key), None
+    for turn in (0, 1):
+        if leader and (rank == 0) == (turn == 0):
+            try:
+                _write_shared(build(), prefix)
+            except Exception as e:                   # reported to every rank by _meet
+                err = e
+        _meet(group, err)
+    ds = _read_shared(prefix)
+    _meet(group, None)
+    if leader:
+        for f in os.listdir(os.path.dirname(prefix)):
+            if f.startswith(os.path.basename(prefix) + "."):
+                try:
+                    os.remove(os.path.join(os.path.dirname(prefix), f))
+                except FileNotFoundError:             # two "machines" on one host share /dev/shm
+                    pass
+    return ds
 
 
 def _check_split(split, allowed, name):
     if split not in allowed:
         raise ValueError(f"{name} has splits {', '.join(allowed)}, not {split!r}")
-
 
 # ----------------------------------------------------------------------------- synthetic
 
@@ -259,36 +408,56 @@ def load_npz(path, split):
         raise ValueError(f"{path} has no array 'x' (keys: {', '.join(d.files)})")
     key = "_test" if split == "test" and "x_test" in d else ""
     x, y = d["x" + key], (torch.from_numpy(d["y" + key]).long() if "y" + key in d else None)
-    if x.dtype != np.uint8:
-        raise ValueError(f"{path}: x must be uint8 (N, H, W, C), got {x.dtype}")
+    if x.dtype != np.uint8 or x.ndim not in (3, 4):
+        raise ValueError(f"{path}: x{key} must be uint8 (N, H, W, C) or (N, H, W), got {x.dtype} {x.shape}")
+    if y is not None and y.shape != (len(x),):
+        raise ValueError(f"{path}: y{key} has shape {tuple(y.shape)} but x{key} holds {len(x)} images; one label per "
+                         f"image expected")
     x = torch.from_numpy(x if x.ndim == 4 else x[..., None]).permute(0, 3, 1, 2).contiguous()
     classes = [str(c) for c in d["class_names"]] if "class_names" in d else \
         [str(c) for c in range(int(y.max()) + 1)] if y is not None else []
     if "x_test" not in d:
         # no test split in the file: hold out the last 10% of each class, statistics from the rest
         train = holdout_split(y, len(x), "train")
-        mean, std = channel_stats(x[train])
+        mean, std = channel_stats(x[train], path)
         keep = train if split == "train" else holdout_split(y, len(x), "test")
         x, y = x[keep], (y[keep] if y is not None else None)
     else:
         mean, std = channel_stats(torch.from_numpy(d["x"]).permute(0, 3, 1, 2) if d["x"].ndim == 4
-                                  else torch.from_numpy(d["x"])[:, None])
+                                  else torch.from_numpy(d["x"])[:, None], path)
     return ImageSet(x, y, classes, mean, std)
 
 
 def _decode(path, size):
     from PIL import Image
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        s = size / min(im.size)                                 # shorter side to size, then centre crop
-        w, h = max(size, round(im.width * s)), max(size, round(im.height * s))
-        im = im.resize((w, h), Image.BICUBIC)
-        left, top = (w - size) // 2, (h - size) // 2
-        return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            s = size / min(im.size)                             # shorter side to size, then centre crop
+            w, h = max(size, round(im.width * s)), max(size, round(im.height * s))
+            im = im.resize((w, h), Image.BICUBIC)
+            left, top = (w - size) // 2, (h - size) // 2
+            return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    except Exception as e:                                       # truncated, not an image, unreadable
+        raise ValueError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
+
+
+def check_fits_in_memory(n, channels, size, what):
+    """Datasets are held in memory as uint8: stop before decoding when n images of size x size
+    would take more than 80% of the memory available now, with the estimate and the ways out."""
+    need = n * channels * size * size
+    try:
+        avail = int(next(line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemAvailable"))) * 1024
+    except (OSError, StopIteration):
+        return
+    if need > 0.8 * avail:
+        raise MemoryError(f"{what}: {n} images at {size}x{size}x{channels} need {need / 2**30:.1f} GiB in memory "
+                          f"(uint8), {avail / 2**30:.1f} GiB is available: use a smaller --img-size, a subset of "
+                          f"the images, or a machine with more memory")
 
 
 @lru_cache(maxsize=4)
-def _decode_folder(base, img_size, num_workers):
+def _decode_folder(base, img_size, num_workers, skip_bad=False):
     classes = sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d)))
     files, labels = [], []
     for i, c in enumerate(classes):
@@ -297,28 +466,45 @@ def _decode_folder(base, img_size, num_workers):
         labels += [i] * len(names)
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in the class folders of {base}")
+    check_fits_in_memory(len(files), 3, img_size, base)
+
+    def one(f):
+        try:
+            return _decode(f, img_size)
+        except ValueError as e:
+            if not skip_bad:
+                raise ValueError(f"{e} (--skip-bad to leave such files out)") from None
+            return str(e)
     with ThreadPoolExecutor(max(num_workers, 1)) as pool:        # PIL releases the GIL while decoding
-        arrays = list(pool.map(lambda f: _decode(f, img_size), files))
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels), classes
+        arrays = list(pool.map(one, files))
+    bad = [a for a in arrays if isinstance(a, str)]
+    if bad:
+        print(f"left out {len(bad)} unreadable image(s) of {base}, e.g. {bad[0]}")
+    keep = [i for i, a in enumerate(arrays) if not isinstance(a, str)]
+    if not keep:
+        raise ValueError(f"no readable images in {base}")
+    x = torch.from_numpy(np.stack([arrays[i] for i in keep])).permute(0, 3, 1, 2).contiguous()
+    return x, torch.tensor(labels)[keep], classes
 
 
-def load_folder(root, split, img_size, num_workers=4):
+def load_folder(root, split, img_size, num_workers=4, skip_bad=False):
     """root/<class>/*.png (the last 10% per class is then the test split), or
-    root/train/<class>/... and root/test/<class>/... Decoded once per process, resized."""
+    root/train/<class>/... and root/test/<class>/... Decoded once per process, resized; an
+    unreadable file stops the run, naming it (skip_bad: left out, counted)."""
     _check_split(split, ("train", "test"), "folder")
     explicit = os.path.isdir(os.path.join(root, "train"))
     base = os.path.join(root, split) if explicit else root
     if not os.path.isdir(base):
         raise FileNotFoundError(f"folder dataset not found: {base} is not a directory. Point --data-dir at a "
                                 f"folder with one subfolder of images per class.")
-    x, y, classes = _decode_folder(base, img_size, num_workers)
+    x, y, classes = _decode_folder(base, img_size, num_workers, skip_bad)
     if explicit:
-        stats = channel_stats(_decode_folder(os.path.join(root, "train"), img_size, num_workers)[0])
+        stats = channel_stats(_decode_folder(os.path.join(root, "train"), img_size, num_workers, skip_bad)[0],
+                              os.path.join(root, "train"))
         return ImageSet(x, y, classes, *stats)
     train = holdout_split(y, len(x), "train")
     keep = train if split == "train" else holdout_split(y, len(x), "test")
-    return ImageSet(x[keep], y[keep], classes, *channel_stats(x[train]))
-
+    return ImageSet(x[keep], y[keep], classes, *channel_stats(x[train], root))
 
 # ----------------------------------------------------------------------------- chest X-rays
 
@@ -468,24 +654,16 @@ def _mask_path(masks, i):
     return None
 
 
-def decode_xrays(root, img_size, masks=None, keep_aspect=True, window_percentile=0.5, cache_dir=None,
-                 skip_bad=False, num_workers=4):
-    """Decode every radiograph under root (and its mask) once, cached as uint8 in one .npz keyed by
-    the files' names, sizes and times and the settings: a changed file or setting rebuilds it.
-    Returns dict(x (N, S, S) uint8, masks (N, S, S) uint8 0/1 or None, ids, bad [(path, why)]).
-    Under DDP rank 0 decodes and the other ranks read its cache."""
-    with rank0_first():
-        return _decode_xrays(root, img_size, masks, keep_aspect, window_percentile, cache_dir, skip_bad, num_workers)
-
-
-def _decode_xrays(root, img_size, masks, keep_aspect, window_percentile, cache_dir, skip_bad, num_workers):
-    import hashlib
-    from tqdm import tqdm
+def list_xrays(root, masks=None, cache_dir=None):
+    """The radiographs under root, searched recursively (the masks and cache folders left out):
+    (files, ids, mask files or None each). Ids are file names without extension and must be unique."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"dicom dataset not found: {root} is not a directory. Point --data-dir at a "
                                 f"folder of .dcm files (searched recursively).")
+    if masks and not os.path.isdir(masks):
+        raise FileNotFoundError(f"--masks {masks} is not a directory")
     skip = [os.path.abspath(p) for p in (masks, cache_dir, os.path.join(root, ".xray_cache")) if p]
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root)       # the masks are not radiographs
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root)
                    if not any((os.path.abspath(d) + os.sep).startswith(s + os.sep) for s in skip)
                    for f in fs if _is_xray_file(os.path.join(d, f)))
     if not files:
@@ -495,10 +673,17 @@ def _decode_xrays(root, img_size, masks, keep_aspect, window_percentile, cache_d
         dup = sorted({i for i in ids if ids.count(i) > 1})[0]
         raise ValueError(f"two files under {root} are both named {dup!r}: image ids are file names without "
                          f"extension and must be unique")
-    mask_files = [_mask_path(masks, i) for i in ids] if masks else [None] * len(ids)
-    if masks and not os.path.isdir(masks):
-        raise FileNotFoundError(f"--masks {masks} is not a directory")
-    h = hashlib.sha1(repr((XRAY_CACHE_VERSION, img_size, keep_aspect, window_percentile, bool(masks))).encode())
+    return files, ids, [_mask_path(masks, i) for i in ids] if masks else [None] * len(ids)
+
+
+def xray_cache_path(root, files, mask_files, img_size, settings, cache_dir=None):
+    """Where the decoded set is cached: xray_<size>px_<settings>_<files>.npz, the two hashes over
+    the settings and over every file's path, size and time, so a changed file or setting makes a
+    new cache; in cache_dir (default root/.xray_cache; ~/.cache/dsmae/<hash of root> when that is
+    not writable)."""
+    import hashlib
+    key = hashlib.sha1(repr((XRAY_CACHE_VERSION, img_size, settings)).encode()).hexdigest()[:8]
+    h = hashlib.sha1()
     for f in files + [m for m in mask_files if m]:
         st = os.stat(f)
         h.update(f"{os.path.relpath(f, root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -510,24 +695,78 @@ def _decode_xrays(root, img_size, masks, keep_aspect, window_percentile, cache_d
     except OSError:
         cache_dir = os.path.join(os.path.expanduser("~/.cache/dsmae"), hashlib.sha1(root.encode()).hexdigest()[:12])
         os.makedirs(cache_dir, exist_ok=True)
-    cache = os.path.join(cache_dir, f"xray_{img_size}px_{h.hexdigest()[:16]}.npz")
+    return os.path.join(cache_dir, f"xray_{img_size}px_{key}_{h.hexdigest()[:12]}.npz")
+
+
+def remove_stale_caches(cache):
+    """After writing `cache`: the caches of the same size and settings for an older state of the
+    files can never be read again, nor can temporary files of writes interrupted over an hour ago
+    (a write takes seconds); delete them."""
+    import time
+    folder, name = os.path.split(cache)
+    prefix = name[:name.rindex("_") + 1]                      # xray_<size>px_<settings>_
+    for f in os.listdir(folder):
+        path = os.path.join(folder, f)
+        try:
+            if f.startswith(prefix) and f.endswith(".npz") and ".tmp." not in f and f != name or \
+                    f.startswith("xray_") and ".tmp." in f and time.time() - os.path.getmtime(path) > 3600:
+                os.remove(path)
+        except OSError:                                       # gone already, or not ours to delete
+            pass
+
+
+def decode_xrays(root, img_size, masks=None, keep_aspect=True, window_percentile=0.5, cache_dir=None,
+                 skip_bad=False, num_workers=4):
+    """Decode every radiograph under root (and its mask) once, cached as uint8 in one .npz (see
+    xray_cache_path). Returns dict(x (N, S, S) uint8, masks (N, S, S) uint8 0/1 or None, ids,
+    bad [(path, why)]). Under torchrun, load_split has one rank per machine call this."""
+    files, ids, mask_files = list_xrays(root, masks, cache_dir)
+    cache = xray_cache_path(root, files, mask_files, img_size, (keep_aspect, window_percentile, bool(masks)),
+                            cache_dir)
     if os.path.exists(cache):
         d = np.load(cache)
         bad = [tuple(b.split("\t", 1)) for b in d["bad"].tolist()]
         if bad and not skip_bad:
             raise ValueError(f"{bad[0][0]}: {bad[0][1]} (cached; --skip-bad to go on without it)")
         return dict(x=d["x"], masks=d["masks"] if masks else None, ids=d["ids"].tolist(), bad=bad)
+    check_fits_in_memory(len(files), 2 if masks else 1, img_size, root)
+    out = _decode_all(root, files, ids, mask_files, masks, img_size, keep_aspect, window_percentile, skip_bad,
+                      num_workers)
+    tmp = f"{cache}.{os.getpid()}.tmp.npz"
+    np.savez(tmp, x=out["x"], masks=out["masks"] if masks else np.zeros(0, np.uint8), ids=np.array(out["ids"]),
+             bad=np.array([f"{p}\t{w}" for p, w in out["bad"]], dtype=str))
+    os.replace(tmp, cache)
+    remove_stale_caches(cache)
+    if out["bad"]:
+        with open(os.path.join(os.path.dirname(cache), "bad_files.txt"), "w") as f:
+            f.writelines(f"{p}\t{w}\n" for p, w in out["bad"])
+        print(f"skipped {len(out['bad'])} unreadable file(s), listed in "
+              f"{os.path.join(os.path.dirname(cache), 'bad_files.txt')}")
+    return out
+
+
+def _decode_all(root, files, ids, mask_files, masks, img_size, keep_aspect, window_percentile, skip_bad, num_workers):
+    """Decode the files (and masks) on a thread pool; the first failure stops, or with skip_bad
+    each one is listed in `bad` and left out."""
+    from tqdm import tqdm
 
     def one(k):
         try:
-            img = fit_square(read_radiograph(files[k], window_percentile), img_size, keep_aspect)
+            raw = read_radiograph(files[k], window_percentile)
         except ValueError as e:
             return None, None, str(e).removeprefix(files[k] + ": ")
+        img = fit_square(raw, img_size, keep_aspect)
         if not mask_files[k]:
             return img, None, None
         from PIL import Image
-        with Image.open(mask_files[k]) as m:
-            m = (np.asarray(m.convert("L")) > 0).astype(np.float32)
+        try:
+            with Image.open(mask_files[k]) as m:
+                m = (np.asarray(m.convert("L")) > 0).astype(np.float32)
+        except Exception as e:
+            return None, None, f"mask {mask_files[k]} unreadable ({type(e).__name__}: {e})"
+        if m.shape != raw.shape:                     # resized apart, they would no longer line up
+            return None, None, (f"mask {mask_files[k]} is {m.shape[1]}x{m.shape[0]} but the image is "
+                                f"{raw.shape[1]}x{raw.shape[0]}; masks must have their image's size")
         return img, (fit_square(m, img_size, keep_aspect, nearest=True) > 0).astype(np.uint8), None
 
     x, m, keep, bad = [], [], [], []
@@ -544,16 +783,7 @@ def _decode_xrays(root, img_size, masks, keep_aspect, window_percentile, cache_d
             x.append(img), m.append(mask), keep.append(ids[k])
     if not x:
         raise ValueError(f"no readable images under {root}; see {bad[0][0]}: {bad[0][1]}")
-    out = dict(x=np.stack(x), masks=np.stack(m) if masks else None, ids=keep, bad=bad)
-    tmp = f"{cache}.{os.getpid()}.tmp.npz"
-    np.savez(tmp, x=out["x"], masks=out["masks"] if masks else np.zeros(0, np.uint8), ids=np.array(keep),
-             bad=np.array([f"{p}\t{w}" for p, w in bad], dtype=str))
-    os.replace(tmp, cache)
-    if bad:
-        with open(os.path.join(cache_dir, "bad_files.txt"), "w") as f:
-            f.writelines(f"{p}\t{w}\n" for p, w in bad)
-        print(f"skipped {len(bad)} unreadable file(s), listed in {os.path.join(cache_dir, 'bad_files.txt')}")
-    return out
+    return dict(x=np.stack(x), masks=np.stack(m) if masks else None, ids=keep, bad=bad)
 
 
 def read_label_csv(path, id_column, label_column, split_column):
@@ -641,63 +871,8 @@ def load_xray(root, split, img_size, labels=None, id_column="id", label_column="
     train = torch.from_numpy(split_of == "train")
     gray = int(round(x[train].float().mean().item())) if variant == "seg-gray" else None
     xv = apply_variant(x, m, variant, gray)
-    mean, std = channel_stats(xv[train])
+    mean, std = channel_stats(xv[train], f"the {variant} training images under {root}")
     sel = torch.from_numpy(split_of == split)
     xs = xv[sel].expand(-1, channels, -1, -1) if channels == 3 else xv[sel]
     return ImageSet(xs, y[sel] if y is not None else None, names, mean * channels, std * channels,
                     masks=m[sel] if m is not None else None, ids=ids[sel.numpy()].tolist())
-
-
-# ----------------------------------------------------------------------------- batches
-
-def epoch_batches(n, batch_size, epoch, seed, rank=0, world_size=1, start=0):
-    """Index tensors of this rank's part of each global batch of an epoch.
-
-    One permutation per (seed, epoch), identical on every rank; global batch b is
-    perm[b * batch_size : (b + 1) * batch_size] and rank r takes its r-th slice, so ranks read
-    disjoint shards and N ranks see exactly the images one process would. The incomplete last
-    batch is dropped; start skips batches already done (resume mid-epoch).
-    """
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    local = batch_size // world_size
-    for b in range(start, n // batch_size):
-        first = b * batch_size + rank * local
-        yield perm[first:first + local]
-
-
-def normalize(x, mean, std):
-    """uint8 or [0, 1] float images -> (x / 255 - mean) / std, in float32."""
-    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
-    return (x - m) / s
-
-
-def preprocess(x, size, mean, std):
-    """Evaluation transform: resize (if needed) and normalise a uint8 batch."""
-    x = normalize(x, mean, std)
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x
-
-
-def augment(x, size, mean, std, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), flip=True):
-    """Random resized crop + horizontal flip + normalise, for a whole uint8 batch at once.
-
-    Each image gets its own crop (area fraction in `scale`, aspect in `ratio`, a crop that
-    would leave the image is shrunk to fit) as one affine transform, and one grid_sample
-    resamples the batch bilinearly. Uses the global RNG of x's device.
-    """
-    B, dev = x.shape[0], x.device
-    area = torch.empty(B, device=dev).uniform_(*scale)
-    logr = torch.empty(B, device=dev).uniform_(np.log(ratio[0]), np.log(ratio[1]))
-    w = (area * logr.exp()).sqrt().clamp(max=1.0)             # crop width / image width
-    h = (area / logr.exp()).sqrt().clamp(max=1.0)
-    cx = (torch.rand(B, device=dev) * 2 - 1) * (1 - w)         # crop centre in [-1, 1] coordinates
-    cy = (torch.rand(B, device=dev) * 2 - 1) * (1 - h)
-    sign = torch.where(torch.rand(B, device=dev) < 0.5, -1.0, 1.0) if flip else torch.ones(B, device=dev)
-    theta = torch.zeros(B, 2, 3, device=dev)
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * sign, cx, h, cy
-    grid = F.affine_grid(theta, (B, x.shape[1], size, size), align_corners=False)
-    out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return normalize(out.div_(255), mean, std)

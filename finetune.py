@@ -25,24 +25,29 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from models import MODELS, bf16_is_fast, load_encoder, per_class_accuracy
+from models import (MODELS, bf16_is_fast, evaluate, load_encoder, param_groups, read_checkpoint, resolve_device,
+                    save_checkpoint)
 
-# MAE's fine-tuning recipe (its ViT-B ImageNet values) scaled to CIFAR/STL: fewer epochs, and
-# the geometry of the paper's Table 1 for the scratch baseline
+# MAE's fine-tuning recipe (its ViT-B ImageNet values), with fewer epochs for CIFAR/STL; for
+# synthetic, a laptop-CPU lab without the heavy regularisers (they slow a 15-epoch run down)
 DEFAULTS = {
-    "synthetic": dict(geometry=("vit_micro", 32, 4), epochs=15, batch_size=128, warmup_epochs=1, mixup=0.0,
-                      cutmix=0.0, randaug_n=0, smoothing=0.0, drop_path=0.0),
-    "cifar10": dict(geometry=("vit_tiny", 32, 2)),
-    "cifar100": dict(geometry=("vit_tiny", 32, 2)),
-    "stl10": dict(geometry=("vit_small", 96, 6)),
-    "npz": dict(geometry=("vit_tiny", 32, 4)),
-    "folder": dict(geometry=("vit_small", 224, 16)),
-    "dicom": dict(geometry=("vit_small", 224, 16), crop_scale=0.5),    # X-rays: no tiny crops (the notes)
+    "synthetic": dict(epochs=15, batch_size=128, warmup_epochs=1, mixup=0.0, cutmix=0.0, randaug_n=0, smoothing=0.0,
+                      drop_path=0.0),
+    "dicom": dict(crop_scale=0.5),                                      # X-rays: no tiny crops (the notes)
 }
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--dataset", default="synthetic", choices=data.DATASETS)
+    dataset = pre.parse_known_args(argv)[0].dataset
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, epilog="defaults per --dataset: "
+                                + "; ".join(f"{k}: {v}" for k, v in DEFAULTS.items()) + "; without a checkpoint the "
+                                "model, image and patch size of data.GEOMETRY")
     p.add_argument("--dataset", default="synthetic", choices=data.DATASETS)
     p.add_argument("--data-dir", default="data")
     p.add_argument("--download", action="store_true")
@@ -82,8 +87,7 @@ def get_args(argv=None):
     p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True,
                    help="random horizontal flips; --no-hflip where left and right differ (a task about sides)")
     data.add_data_args(p)
-    pre, _ = p.parse_known_args(argv)
-    p.set_defaults(**{k: v for k, v in DEFAULTS[pre.dataset].items() if k != "geometry"})
+    p.set_defaults(**DEFAULTS.get(dataset, {}))              # before parsing, so --help shows them
     return p.parse_args(argv)
 
 
@@ -93,103 +97,128 @@ def cosine_lr(step, total, warmup, base):
     return base * 0.5 * (1 + math.cos(math.pi * min((step - warmup) / max(total - warmup, 1), 1.0)))
 
 
-def param_groups_lrd(model, weight_decay, layer_decay):
-    """Layer-wise lr decay (BEiT, MAE): embeddings are layer 0, block i is layer i + 1, the final
-    norm and the head are layer depth + 1; a layer's lr is scaled by decay^(depth + 1 - layer).
-    No weight decay on norms, biases, the class token and the positional embedding."""
-    depth, groups = len(model.blocks), {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if name.startswith(("cls_token", "pos_embed", "patch_embed")):
-            layer = 0
-        elif name.startswith("blocks."):
-            layer = int(name.split(".")[1]) + 1
-        else:
-            layer = depth + 1
-        no_decay = p.ndim == 1 or name in ("cls_token", "pos_embed")
-        g = groups.setdefault((layer, no_decay), dict(params=[], weight_decay=0.0 if no_decay else weight_decay,
-                                                      lr_scale=layer_decay ** (depth + 1 - layer)))
-        g["params"].append(p)
-    return list(groups.values())
-
-
-@torch.no_grad()
-def evaluate(model, ds, img_size, mean, std, device, amp, batch_size=256):
-    """Top-1, mean per-class and per-class accuracy (%) on a labelled split."""
-    was_training = model.training
-    model.eval()
-    preds = []
-    for i in range(0, len(ds), batch_size):
-        with amp:
-            preds.append(model(data.preprocess(ds.x[i:i + batch_size].to(device), img_size, mean, std)).argmax(dim=1))
-    model.train(was_training)
-    pred, y = torch.cat(preds), ds.y.to(device)
-    per_class = per_class_accuracy(pred, y, len(ds.classes)) * 100
-    return dict(top1=(pred == y).float().mean().item() * 100, mean_per_class=per_class.nanmean().item(),
-                per_class=[round(v, 2) for v in per_class.tolist()])
-
-
-def save_checkpoint(state, path):
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def main(args):
-    # ---- setup: devices, DDP (torchrun), precision
-    ddp = "RANK" in os.environ
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    if ddp:
+def setup(args):
+    """torchrun or a single process: (device, rank, world size, autocast context, its name)."""
+    device, rank, world = resolve_device(args.device), 0, 1
+    if "RANK" in os.environ:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
-    else:
-        rank, world = 0, 1
-    master = rank == 0
-    say = print if master else (lambda *a, **k: None)
     if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
-    cuda = device.type == "cuda"
-    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_is_fast(device))
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by the {world} processes")
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_is_fast(device))
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    return device, rank, world, amp, "bf16" if bf16 else "fp32"
 
-    # ---- model: the pretrained encoder (or a fresh one) and a new linear head
+
+def resume(raw_model, opt, path, explicit):
+    """Load a checkpoint into the model and the optimiser: (step, best so far), (0, none) without one."""
+    if not os.path.exists(path):
+        if explicit:
+            raise SystemExit(f"error: --resume {path}: no such file")
+        return 0, dict(top1=-1.0)
+    try:
+        ckpt = read_checkpoint(path)
+        raw_model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise SystemExit(f"error: cannot resume from {path} ({str(e).splitlines()[0]}); delete it to start over, or "
+                         f"choose another --output-dir")
+    print(f"resumed from {path} at step {ckpt['step']}")
+    return ckpt["step"], ckpt["best"]
+
+
+def load_data(args, img_size, in_chans):
+    """Labelled train and test splits (and val where the dataset has one: best.pt is chosen on it,
+    so test stays unseen), checked against the encoder."""
+    try:
+        train = data.load_split(args, "train", img_size, args.download)
+        test = data.load_split(args, "test", img_size)
+        val = data.load_split(args, "val", img_size) if args.dataset == "dicom" else None
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    if train.y is None or test.y is None or len(test) == 0:
+        raise SystemExit(f"error: {args.dataset} has no labels (or no test images) here; fine-tuning needs a labelled "
+                         f"train and test split")
+    if train.x.shape[1] != in_chans:
+        raise SystemExit(f"error: the encoder takes {in_chans} channels, {args.dataset} has {train.x.shape[1]}")
+    top = int(max(train.y.max(), test.y.max()))
+    if top >= len(train.classes):
+        raise SystemExit(f"error: labels go up to {top} but {args.dataset} names {len(train.classes)} classes")
+    return train, test, val if val is not None and len(val) else None
+
+
+def make_augment(args, num_classes, img_size, mean, std):
+    """On the device: RandAugment per image, random resized crop + flip, then mixup or cutmix per
+    batch and label smoothing. (uint8 images, labels) -> (normalised images, soft targets)."""
+    from torchvision.transforms import v2
+    randaug = v2.RandAugment(args.randaug_n, args.randaug_m) if args.randaug_n else None
+    mixers = ([v2.MixUp(alpha=args.mixup, num_classes=num_classes)] if args.mixup else []) + \
+             ([v2.CutMix(alpha=args.cutmix, num_classes=num_classes)] if args.cutmix else [])
+    mix = v2.RandomChoice(mixers) if mixers else None
+
+    def augment(x, y):
+        if randaug is not None:
+            x = torch.stack([randaug(img) for img in x])
+        x = data.augment(x, img_size, mean, std, (args.crop_scale, 1.0), flip=args.hflip)
+        target = F.one_hot(y, num_classes).float()
+        if mix is not None:
+            x, target = mix(x, y)
+        return x, target * (1 - args.smoothing) + args.smoothing / num_classes
+    return augment
+
+
+def end_of_epoch(raw_model, opt, step, epoch, train_loss, lr_now, t0, best, sets, args, out_dir, amp):
+    """Rank 0: evaluate on test (and val), log, save ckpt.pt and, when the chosen split's top-1
+    improved, best.pt. Returns (stats, best)."""
+    train, test, val = sets
+    transform = lambda x: data.preprocess(x, raw_model.img_size, train.mean, train.std)
+    metrics = evaluate(raw_model, test.x, test.y, transform, len(train.classes), amp)
+    chosen = evaluate(raw_model, val.x, val.y, transform, len(train.classes), amp) if val is not None else metrics
+    stats = dict(epoch=epoch + 1, step=step, loss=train_loss, lr=lr_now, seconds=round(time.time() - t0, 2),
+                 **metrics, **({f"val_{k}": v for k, v in chosen.items()} if val is not None else {}))
+    val_msg = f" | val top-1 {chosen['top1']:.2f}" if val is not None else ""
+    print(f"epoch {epoch + 1} | step {step} | loss {train_loss:.4f} | top-1 {metrics['top1']:.2f} | mean per-class "
+          f"{metrics['mean_per_class']:.2f}{val_msg} | {stats['seconds']:.0f}s")
+    with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(stats) + "\n")
+    if chosen["top1"] > best["top1"]:
+        best = dict(top1=chosen["top1"], mean_per_class=chosen["mean_per_class"], epoch=epoch + 1,
+                    split="val" if val is not None else "test", test_top1=metrics["top1"])
+    state = dict(model=raw_model.state_dict(), opt=opt.state_dict(), step=step, epoch=epoch + 1, best=best,
+                 metrics=metrics, args=vars(args), encoder_config=raw_model.config(), num_classes=len(train.classes),
+                 pool=args.pool, data=dict(dataset=args.dataset, mean=list(train.mean), std=list(train.std),
+                                           classes=list(train.classes)))
+    if best["epoch"] == epoch + 1:
+        save_checkpoint(state, os.path.join(out_dir, "best.pt"))
+    save_checkpoint(state, os.path.join(out_dir, "ckpt.pt"))
+    return stats, best
+
+
+def main(args):
+    # ---- setup: devices, DDP (torchrun), precision
+    device, rank, world, amp, precision = setup(args)
+    ddp, master, cuda = "RANK" in os.environ, rank == 0, device.type == "cuda"
+    say = print if master else (lambda *a, **k: None)
+
+    # ---- model: the pretrained encoder (or a fresh one at the dataset's geometry)
     if args.checkpoint and not os.path.isfile(args.checkpoint):
         raise SystemExit(f"--checkpoint {args.checkpoint}: no such file")
-    model_name, img_size, patch_size = (None, None, None) if args.checkpoint else DEFAULTS[args.dataset]["geometry"]
+    model_name, img_size, patch_size = (None, None, None) if args.checkpoint else data.GEOMETRY[args.dataset]
     torch.manual_seed(args.seed)
     try:
-        # the dataset decides the number of classes; build the head after reading it
         encoder = load_encoder(args.checkpoint, args.checkpoint_key, model=args.model or model_name,
                                img_size=args.img_size or img_size, patch_size=args.patch_size or patch_size,
                                drop_path=args.drop_path, global_pool="token" if args.pool == "cls" else "avg")
     except ValueError as e:
         raise SystemExit(f"error: {e}")
 
-    # ---- data: labelled splits, at the encoder's image size
-    xray = data.data_options(args)
-    try:
-        train = data.build_dataset(args.dataset, "train", args.data_dir, encoder.img_size, args.download,
-                                   args.seed, args.num_workers, **xray)
-        test = data.build_dataset(args.dataset, "test", args.data_dir, encoder.img_size, False, args.seed,
-                                  args.num_workers, **xray)
-        # best.pt is chosen on a validation split where there is one, so test stays unseen
-        val = data.build_dataset(args.dataset, "val", args.data_dir, encoder.img_size, False, args.seed,
-                                 args.num_workers, **xray) if args.dataset == "dicom" else None
-        val = val if val is not None and len(val) else None
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
-    if train.y is None or test.y is None or len(test) == 0:
-        raise SystemExit(f"error: {args.dataset} has no labels (or no test images) here; fine-tuning needs a labelled train and test split")
-    if train.x.shape[1] != encoder.in_chans:
-        raise SystemExit(f"error: the encoder takes {encoder.in_chans} channels, {args.dataset} has {train.x.shape[1]}")
+    # ---- data: labelled splits at the encoder's image size; then the head, sized by the classes
+    train, test, val = load_data(args, encoder.img_size, encoder.in_chans)
     num_classes = len(train.classes)
-    if int(max(train.y.max(), test.y.max())) >= num_classes:
-        raise SystemExit(f"error: labels go up to {int(max(train.y.max(), test.y.max()))} but {args.dataset} names "
-                         f"{num_classes} classes")
     encoder.head = nn.Linear(encoder.embed_dim, num_classes)
     nn.init.trunc_normal_(encoder.head.weight, std=2e-5)          # MAE: a near-zero head at start
     nn.init.zeros_(encoder.head.bias)
@@ -200,50 +229,28 @@ def main(args):
     tag = os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint))) if args.checkpoint \
         else f"scratch_{args.model or model_name}"
     out_dir = args.output_dir or os.path.join("runs", f"finetune_{args.dataset}_{tag}")
-    images = train.x.to(device) if cuda else train.x
-    labels = train.y.to(device)
-
-    # ---- augmentation on the device: RandAugment per image, crop + flip, mixup/cutmix per batch
-    from torchvision.transforms import v2
-    randaug = v2.RandAugment(args.randaug_n, args.randaug_m) if args.randaug_n else None
-    mixers = ([v2.MixUp(alpha=args.mixup, num_classes=num_classes)] if args.mixup else []) + \
-             ([v2.CutMix(alpha=args.cutmix, num_classes=num_classes)] if args.cutmix else [])
-    mix = v2.RandomChoice(mixers) if mixers else None
+    images, labels = (train.x.to(device) if cuda else train.x), train.y.to(device)
+    augment = make_augment(args, num_classes, encoder.img_size, train.mean, train.std)
 
     # ---- optimiser: AdamW with layer-wise lr decay; fused, on a CPU too (+8-19% steps, bench.py)
     lr = args.blr * args.batch_size / 256
-    opt = torch.optim.AdamW(param_groups_lrd(raw_model, args.weight_decay, args.layer_decay), lr=lr,
-                            betas=(0.9, 0.999), fused=True)
+    opt = torch.optim.AdamW(param_groups(raw_model, args.weight_decay, args.layer_decay), lr=lr, betas=(0.9, 0.999),
+                            fused=True)
     steps_per_epoch = len(train) // args.batch_size
     if steps_per_epoch == 0:
         raise SystemExit(f"{len(train)} training images are fewer than one batch of {args.batch_size}")
     total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     say(f"finetune {tag} on {args.dataset} ({len(train)} train, {len(test)} test, {num_classes} classes) | "
-        f"{encoder.img_size}px, patch {encoder.patch_size} | {device} x {world} | {'bf16' if use_bf16 else 'fp32'}")
+        f"{encoder.img_size}px, patch {encoder.patch_size} | {device} x {world} | {precision}")
     say(f"batch {args.batch_size} | lr {lr:.3g} (blr {args.blr:g} x {args.batch_size} / 256) | layer decay "
         f"{args.layer_decay} | {steps_per_epoch} steps/epoch x {args.epochs} epochs")
 
     # ---- resume
-    step, best = 0, dict(top1=-1.0)
-    ckpt_path = args.resume or os.path.join(out_dir, "ckpt.pt")
-    if os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        raw_model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["opt"])
-        step, best = ckpt["step"], ckpt["best"]
-        say(f"resumed from {ckpt_path} at step {step}")
-    elif args.resume:
-        raise SystemExit(f"--resume {args.resume}: no such file")
+    step, best = resume(raw_model, opt, args.resume or os.path.join(out_dir, "ckpt.pt"), args.resume)
     if master:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
-
-    def state(metrics):
-        return dict(model=raw_model.state_dict(), opt=opt.state_dict(), step=step, epoch=step // steps_per_epoch,
-                    best=best, metrics=metrics, args=vars(args), encoder_config=raw_model.config(),
-                    num_classes=num_classes, pool=args.pool,
-                    data=dict(dataset=args.dataset, mean=list(train.mean), std=list(train.std), classes=list(train.classes)))
 
     # ---- loop
     max_steps = min(args.max_steps or total_steps, total_steps)
@@ -259,15 +266,7 @@ def main(args):
                    desc=f"ep {epoch + 1}/{args.epochs}", dynamic_ncols=True, leave=False)
         for idx in batches:
             torch.manual_seed((args.seed * 1_000_003 + step) * 4096 + rank)   # exact resumes
-            x = images[idx.to(images.device)].to(device, non_blocking=True)
-            y = labels[idx.to(device)]
-            if randaug is not None:
-                x = torch.stack([randaug(img) for img in x])
-            x = data.augment(x, encoder.img_size, train.mean, train.std, (args.crop_scale, 1.0), flip=args.hflip)
-            target = F.one_hot(y, num_classes).float()
-            if mix is not None:
-                x, target = mix(x, y)
-            target = target * (1 - args.smoothing) + args.smoothing / num_classes
+            x, target = augment(images[idx.to(images.device)].to(device, non_blocking=True), labels[idx.to(device)])
             lr_now = cosine_lr(step, total_steps, warmup_steps, lr)
             for g in opt.param_groups:
                 g["lr"] = lr_now * g["lr_scale"]
@@ -287,8 +286,8 @@ def main(args):
                 break
         bar.close()
 
-        # ---- end of epoch: check, evaluate, log, save last and best
-        if ddp:                                          # every rank sees the same loss, and stops alike
+        # ---- end of epoch: every rank sees the same loss and stops alike; rank 0 evaluates and saves
+        if ddp:
             dist.all_reduce(loss_sum)
             loss_sum /= world
         train_loss = loss_sum.item() / max(n_sum, 1)
@@ -296,22 +295,8 @@ def main(args):
             raise SystemExit(f"loss is {train_loss} in epoch {epoch + 1}: stopping; the last good checkpoint in "
                              f"{out_dir} is untouched")
         if master:
-            metrics = evaluate(raw_model, test, encoder.img_size, train.mean, train.std, device, amp)
-            chosen, val_msg = metrics, ""
-            if val is not None:
-                chosen = evaluate(raw_model, val, encoder.img_size, train.mean, train.std, device, amp)
-                val_msg = f" | val top-1 {chosen['top1']:.2f}"
-            stats = dict(epoch=epoch + 1, step=step, loss=train_loss, lr=lr_now, seconds=round(time.time() - t0, 2),
-                         **metrics, **({f"val_{k}": v for k, v in chosen.items()} if val is not None else {}))
-            say(f"epoch {epoch + 1} | step {step} | loss {train_loss:.4f} | top-1 {metrics['top1']:.2f} | "
-                f"mean per-class {metrics['mean_per_class']:.2f}{val_msg} | {stats['seconds']:.0f}s")
-            with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps(stats) + "\n")
-            if chosen["top1"] > best["top1"]:
-                best = dict(top1=chosen["top1"], mean_per_class=chosen["mean_per_class"], epoch=epoch + 1,
-                            split="val" if val is not None else "test", test_top1=metrics["top1"])
-                save_checkpoint(state(metrics), os.path.join(out_dir, "best.pt"))
-            save_checkpoint(state(metrics), os.path.join(out_dir, "ckpt.pt"))
+            stats, best = end_of_epoch(raw_model, opt, step, epoch, train_loss, lr_now, t0, best, (train, test, val),
+                                       args, out_dir, amp)
 
     if ddp:
         dist.barrier()

@@ -25,13 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from models import MODELS, bf16_is_fast, extract_features, knn_predict, load_encoder, per_class_accuracy
-
-# geometry of the random-init baseline when no checkpoint says otherwise
-GEOMETRY = {"synthetic": ("vit_micro", 32, 4), "cifar10": ("vit_tiny", 32, 2), "cifar100": ("vit_tiny", 32, 2),
-            "stl10": ("vit_small", 96, 6), "npz": ("vit_tiny", 32, 4), "folder": ("vit_small", 224, 16),
-            "dicom": ("vit_small", 224, 16)}
-
+from models import MODELS, bf16_is_fast, extract_features, knn_predict, load_encoder, per_class_accuracy, resolve_device
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,7 +84,7 @@ def cache_key(args, encoder, train):
 
 def main(args):
     # ---- setup
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     use_bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_is_fast(device))
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     torch.manual_seed(args.seed)
@@ -98,7 +92,7 @@ def main(args):
     # ---- frozen encoder: geometry from the checkpoint, else per dataset (the random-init baseline)
     if args.checkpoint and not os.path.isfile(args.checkpoint):
         raise SystemExit(f"--checkpoint {args.checkpoint}: no such file")
-    model, img_size, patch_size = GEOMETRY[args.dataset]
+    model, img_size, patch_size = data.GEOMETRY[args.dataset]
     if args.checkpoint:
         model = img_size = patch_size = None
     try:
@@ -110,12 +104,9 @@ def main(args):
     features = torch.compile(encoder.forward_features) if args.compile else encoder.forward_features
 
     # ---- data: labelled train and test splits, at the encoder's image size
-    xray = data.data_options(args)
     try:
-        train = data.build_dataset(args.dataset, "train", args.data_dir, encoder.img_size, args.download,
-                                   args.seed, args.num_workers, **xray)
-        test = data.build_dataset(args.dataset, "test", args.data_dir, encoder.img_size, False, args.seed,
-                                  args.num_workers, **xray)
+        train = data.load_split(args, "train", encoder.img_size, args.download)
+        test = data.load_split(args, "test", encoder.img_size)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     if train.y is None or test.y is None or len(test) == 0:

@@ -1,6 +1,13 @@
-"""Vision Transformer, MAE, DS-MAE, EMA, losses and k-NN: everything the stage scripts share
-except the data. Depends on torch alone; each class depends only on what is defined above it,
-so any piece can be copied into another project.
+"""Vision Transformer, MAE, DS-MAE, EMA, losses and evaluation helpers: everything the stage
+scripts share except the data. Read top to bottom it builds the paper's method:
+
+  1. ViT              sin-cos table, attention, blocks, ViT, named sizes   (torch only: copy
+                      lines 1 to the end of MODELS and you have a working ViT)
+  2. MAE              patches, masking, pixel loss, decoder, MAE
+  3. DS-MAE           EMA teacher, feature targets and loss, DSMAE
+  4. training         the no-weight-decay rule (one place), bf16 detection
+  5. evaluation       k-NN, accuracy, features, loading encoders
+  6. ResNets and classifiers (torchvision imported lazily)
 
 Parameter names follow timm's VisionTransformer (patch_embed.proj, cls_token, pos_embed,
 blocks.N.attn.qkv, blocks.N.mlp.fc1, norm, head), so an encoder trained here loads into
@@ -11,13 +18,14 @@ per patch.
 """
 import copy
 import math
+import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
-# ----------------------------------------------------------------------------- helpers
+# ============================================================================= 1. ViT
 
 def sincos_pos_embed(dim, grid_h, grid_w, cls_token=True):
     """Fixed 2-D sine-cosine positional embedding, (1, [1 +] grid_h * grid_w, dim).
@@ -38,67 +46,19 @@ def sincos_pos_embed(dim, grid_h, grid_w, cls_token=True):
     return emb.float().unsqueeze(0)
 
 
-def patchify(imgs, p):
-    """(B, C, H, W) -> (B, N, p*p*C), patches in row-major order, pixels (row, col, channel)."""
-    B, C, H, W = imgs.shape
-    h, w = H // p, W // p
-    x = imgs.reshape(B, C, h, p, w, p).permute(0, 2, 4, 3, 5, 1)
-    return x.reshape(B, h * w, p * p * C)
+def attention(q, k, v, return_weights=False):
+    """softmax(q k^T / sqrt(d)) v for (B, heads, N, d) inputs.
 
-
-def unpatchify(x, p, h, w):
-    """(B, N, p*p*C) -> (B, C, h*p, w*p); the inverse of patchify."""
-    B, N, P = x.shape
-    C = P // (p * p)
-    x = x.reshape(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4)
-    return x.reshape(B, C, h * p, w * p)
-
-
-def gather_tokens(x, idx):
-    """Pick tokens per image: x (B, N, D), idx (B, M) -> (B, M, D)."""
-    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
-def random_subset(B, N, M, device):
-    """M of N indices per row, uniform without replacement (argsort of uniform noise).
-    Returns (chosen (B, M), rest (B, N - M))."""
-    order = torch.rand(B, N, device=device).argsort(dim=1)
-    return order[:, :M], order[:, M:]
-
-
-def patch_mask_to_pixels(idx, grid, p, B, device):
-    """(B, M) patch indices -> (B, 1, grid*p, grid*p) float mask, 1 on the selected patches."""
-    m = torch.zeros(B, grid * grid, device=device).scatter_(1, idx, 1.0)
-    m = m.view(B, 1, grid, 1, grid, 1).expand(-1, -1, -1, p, -1, p)
-    return m.reshape(B, 1, grid * p, grid * p)
-
-
-
-# ----------------------------------------------------------------------------- ViT
-
-def attention(q, k, v):
-    """softmax(q k^T / sqrt(d)) v: the fused kernel, except in bf16 on a CPU. There torch's fused
-    kernel is slow (torch 2.14: its bf16 backward ~4x its fp32 one), and the explicit form, two bf16
-    matmuls around a softmax, is faster at ViT sequence lengths (2-core EPYC, AVX512-BF16, bf16
-    training steps against fused attention in fp32: DS-MAE 1.4x at 65 tokens, 2-3x at 257; MAE
-    1.2x). It rounds as autocast's unfused attention on a GPU does: logits and probabilities in
-    bf16, the softmax computed in fp32 inside the kernel. It stores the (B, heads, N, N)
+    The fused kernel, except where the weights are wanted (attention maps) or in bf16 on a CPU:
+    there torch's fused kernel is slow (torch 2.14: its bf16 backward ~4x its fp32 one), and the
+    explicit form, two bf16 matmuls around a softmax, is faster at ViT sequence lengths (2-core EPYC,
+    AVX512-BF16: DS-MAE steps 1.4x at 65 tokens, 2-3x at 257, against fused attention in fp32). It
+    rounds as autocast's unfused attention on a GPU does, and stores the (B, heads, N, N)
     probabilities for the backward: fine at these lengths, quadratic in N."""
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+    if return_weights or (q.device.type == "cpu" and q.dtype == torch.bfloat16):
+        attn = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)   # (B, heads, N, N)
+        return (attn @ v, attn) if return_weights else attn @ v
     return F.scaled_dot_product_attention(q, k, v)
-
-
-def bf16_is_fast(device):
-    """Whether bf16 autocast pays on this device: CUDA with bf16 support, or a CPU with native
-    bf16 matmuls (AMX or AVX512-BF16); elsewhere bf16 is emulated and slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 class DropPath(nn.Module):
@@ -126,13 +86,8 @@ class Attention(nn.Module):
     def forward(self, x, return_attention=False):
         B, N, D = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        if return_attention:
-            # explicit path: the fused kernel never materialises the attention matrix
-            attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-            attn = attn.softmax(dim=-1)                          # (B, heads, N, N)
-            out = attn @ v
-        else:
-            out = attention(q, k, v)                              # (B, heads, N, D/heads)
+        out = attention(q, k, v, return_attention)                # (B, heads, N, D/heads)[, weights]
+        out, attn = out if return_attention else (out, None)
         out = self.proj(out.transpose(1, 2).reshape(B, N, D))
         return (out, attn) if return_attention else out
 
@@ -160,7 +115,7 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x, return_attention=False):
-        if return_attention:
+        if return_attention:                                      # evaluation only: no drop path
             y, attn = self.attn(self.norm1(x), return_attention=True)
             x = x + y
             return x + self.mlp(self.norm2(x)), attn
@@ -224,14 +179,20 @@ class ViT(nn.Module):
 
     def embed(self, x):
         """(B, C, H, W) images -> (B, N, D) patch tokens with their positions added."""
+        if tuple(x.shape[1:]) != (self.in_chans, self.img_size, self.img_size):
+            raise ValueError(f"this ViT takes ({self.in_chans}, {self.img_size}, {self.img_size}) images, got "
+                             f"{tuple(x.shape[1:])}: resize them, or rebuild it (models.load_encoder(img_size=...))")
         return self.patch_embed(x) + self.pos_embed[:, 1:]
+
+    def with_cls(self, tokens):
+        """Prepend the class token (with its position) to (B, n, D) tokens."""
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
+        return torch.cat([cls, tokens], dim=1)
 
     def encode(self, tokens, keep=0):
         """(B, n, D) position-embedded tokens (all or a subset) -> (B, 1 + n, D) normalised tokens.
         keep=K also returns the raw outputs of the last K blocks, a list of (B, 1 + n, D)."""
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
-        x = torch.cat([cls, tokens], dim=1)
-        hidden = []
+        x, hidden = self.with_cls(tokens), []
         for i, blk in enumerate(self.blocks):
             x = blk(x)
             if i >= self.depth - keep:
@@ -251,52 +212,57 @@ class ViT(nn.Module):
     @torch.no_grad()
     def get_last_selfattention(self, x):
         """Attention of the last block, (B, heads, 1 + N, 1 + N), through the explicit path."""
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, self.embed(x)], dim=1)
+        x = self.with_cls(self.embed(x))
         for blk in self.blocks[:-1]:
             x = blk(x)
         return self.blocks[-1](x, return_attention=True)[1]
 
 
-# ----------------------------------------------------------------------------- EMA
-
-class EMA(nn.Module):
-    """Exponential moving average of a module: theta_ema <- m * theta_ema + (1 - m) * theta.
-
-    Serves as the DS-MAE teacher. The copy never takes gradients and always runs in eval mode
-    (no drop path); the update is one multi-tensor lerp over all parameters.
-    """
-
-    def __init__(self, model):
-        super().__init__()
-        self.module = copy.deepcopy(model).requires_grad_(False).eval()
-
-    def train(self, mode=True):
-        return super().train(False)
-
-    @torch.no_grad()
-    def update(self, model, momentum):
-        torch._foreach_lerp_(list(self.module.parameters()), list(model.parameters()), 1.0 - momentum)
-        buffers = list(self.module.buffers())
-        if buffers:
-            torch._foreach_copy_(buffers, list(model.buffers()))
-
-    def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
+MODELS = {
+    "vit_nano": dict(embed_dim=32, depth=2, num_heads=2),       # tests
+    "vit_micro": dict(embed_dim=96, depth=6, num_heads=3),      # CPU labs: learns in minutes
+    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+}
 
 
-def ema_momentum(step, total_steps, start=0.96, end=0.99, batch=None, ref_batch=None):
-    """Cosine schedule of the EMA momentum: start at step 0, end at total_steps.
+# ============================================================================= 2. MAE
 
-    With batch and ref_batch, the momentum m set for ref_batch becomes m ** (batch / ref_batch):
-    the teacher then averages over the same number of images, 1 / (1 - m) steps of ref_batch,
-    whatever the batch (0.99 at 2048 is 0.99937 at 128)."""
-    t = min(step / max(total_steps, 1), 1.0)
-    m = end - (end - start) * (math.cos(math.pi * t) + 1) / 2
-    return m ** (batch / ref_batch) if batch and ref_batch else m
+def patchify(imgs, p):
+    """(B, C, H, W) -> (B, N, p*p*C), patches in row-major order, pixels (row, col, channel)."""
+    B, C, H, W = imgs.shape
+    h, w = H // p, W // p
+    x = imgs.reshape(B, C, h, p, w, p).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(B, h * w, p * p * C)
 
 
-# ----------------------------------------------------------------------------- losses
+def unpatchify(x, p, h, w):
+    """(B, N, p*p*C) -> (B, C, h*p, w*p); the inverse of patchify."""
+    B, N, P = x.shape
+    C = P // (p * p)
+    x = x.reshape(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(B, C, h * p, w * p)
+
+
+def gather_tokens(x, idx):
+    """Pick tokens per image: x (B, N, D), idx (B, M) -> (B, M, D)."""
+    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def random_subset(B, N, M, device):
+    """M of N indices per row, uniform without replacement (argsort of uniform noise).
+    Returns (chosen (B, M), rest (B, N - M))."""
+    order = torch.rand(B, N, device=device).argsort(dim=1)
+    return order[:, :M], order[:, M:]
+
+
+def patch_mask_to_pixels(idx, grid, p, B, device):
+    """(B, M) patch indices -> (B, 1, grid*p, grid*p) float mask, 1 on the selected patches."""
+    m = torch.zeros(B, grid * grid, device=device).scatter_(1, idx, 1.0)
+    m = m.view(B, 1, grid, 1, grid, 1).expand(-1, -1, -1, p, -1, p)
+    return m.reshape(B, 1, grid * p, grid * p)
+
 
 def pixel_loss(pred, target, norm_pix=False):
     """MSE between predicted and true patches, both (B, M, P), averaged over every element.
@@ -307,46 +273,6 @@ def pixel_loss(pred, target, norm_pix=False):
         target = (target - mean) / (var + 1e-6).sqrt()
     return (pred.float() - target).pow(2).mean()
 
-
-def cosine_loss(pred, target, per_token=False):
-    """1 - cos(pred, target) for (B, M, D) tokens, averaged over images.
-
-    Default: DS-MAE's Eq. 2 as written, one cosine per image over the concatenated features
-    of its M tokens. per_token=True: the mean of M token-wise cosines instead.
-    """
-    pred, target = pred.float(), target.float()
-    if per_token:
-        return 1 - F.cosine_similarity(pred, target, dim=-1).mean()
-    return 1 - F.cosine_similarity(pred.flatten(1), target.flatten(1), dim=-1).mean()
-
-
-TEACHER_TARGETS = ("final", "center", "ln", "avg")
-
-
-def teacher_target(z, hidden, how="final"):
-    """The tokens the DS-MAE regressor predicts, from the teacher's patch tokens: z (B, N, D) its
-    normalised output, hidden the raw outputs of its last K blocks, each (B, N, D).
-
-      final   z itself (the paper: "the teacher's output")
-      center  z minus its mean over the batch and the positions: removes the component every token
-              shares (the final LayerNorm's bias, the fixed positional table), which Eq. 2's
-              single cosine over all tokens otherwise matches for free
-      ln      the last block's output, LayerNorm'd per token without affine parameters
-      avg     data2vec's target: each of the K blocks' outputs instance-normalised (every channel
-              over the N tokens of its image), then averaged
-    """
-    if how == "final":
-        return z
-    if how == "center":
-        return z - z.mean(dim=(0, 1), keepdim=True)
-    if how == "ln":
-        return F.layer_norm(hidden[-1].float(), hidden[-1].shape[-1:], eps=1e-6)
-    if how == "avg":
-        return sum(F.instance_norm(h.float().transpose(1, 2), eps=1e-6).transpose(1, 2) for h in hidden) / len(hidden)
-    raise ValueError(f"unknown teacher target {how!r}; choose from {', '.join(TEACHER_TARGETS)}")
-
-
-# ----------------------------------------------------------------------------- MAE
 
 class Decoder(nn.Module):
     """Narrow transformer from encoder tokens to pixels: project, add positions, blocks, linear.
@@ -407,7 +333,81 @@ class MAE(nn.Module):
         return loss, dict(loss_y=loss.detach(), pred=pred.detach(), idx=masked, input=corrupted)
 
 
-# ----------------------------------------------------------------------------- DS-MAE
+# ============================================================================= 3. DS-MAE
+
+class EMA(nn.Module):
+    """Exponential moving average of a module: theta_ema <- m * theta_ema + (1 - m) * theta.
+
+    Serves as the DS-MAE teacher. The copy never takes gradients and always runs in eval mode
+    (no drop path); the update is one multi-tensor lerp over all parameters.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.module = copy.deepcopy(model).requires_grad_(False).eval()
+
+    def train(self, mode=True):
+        return super().train(False)
+
+    @torch.no_grad()
+    def update(self, model, momentum):
+        torch._foreach_lerp_(list(self.module.parameters()), list(model.parameters()), 1.0 - momentum)
+        buffers = list(self.module.buffers())
+        if buffers:
+            torch._foreach_copy_(buffers, list(model.buffers()))
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def ema_momentum(step, total_steps, start=0.96, end=0.99, batch=None, ref_batch=None):
+    """Cosine schedule of the EMA momentum: start at step 0, end at total_steps.
+
+    With batch and ref_batch, the momentum m set for ref_batch becomes m ** (batch / ref_batch):
+    the teacher then averages over the same number of images, 1 / (1 - m) steps of ref_batch,
+    whatever the batch (0.99 at 2048 is 0.99937 at 128)."""
+    t = min(step / max(total_steps, 1), 1.0)
+    m = end - (end - start) * (math.cos(math.pi * t) + 1) / 2
+    return m ** (batch / ref_batch) if batch and ref_batch else m
+
+
+def cosine_loss(pred, target, per_token=False):
+    """1 - cos(pred, target) for (B, M, D) tokens, averaged over images.
+
+    Default: DS-MAE's Eq. 2 as written, one cosine per image over the concatenated features
+    of its M tokens. per_token=True: the mean of M token-wise cosines instead.
+    """
+    pred, target = pred.float(), target.float()
+    if per_token:
+        return 1 - F.cosine_similarity(pred, target, dim=-1).mean()
+    return 1 - F.cosine_similarity(pred.flatten(1), target.flatten(1), dim=-1).mean()
+
+
+TEACHER_TARGETS = ("final", "center", "ln", "avg")
+
+
+def teacher_target(z, hidden, how="final"):
+    """The tokens the DS-MAE regressor predicts, from the teacher's patch tokens: z (B, N, D) its
+    normalised output, hidden the raw outputs of its last K blocks, each (B, N, D).
+
+      final   z itself (the paper: "the teacher's output")
+      center  z minus its mean over the batch and the positions: removes the component every token
+              shares (the final LayerNorm's bias, the fixed positional table), which Eq. 2's
+              single cosine over all tokens otherwise matches for free
+      ln      the last block's output, LayerNorm'd per token without affine parameters
+      avg     data2vec's target: each of the K blocks' outputs instance-normalised (every channel
+              over the N tokens of its image), then averaged
+    """
+    if how == "final":
+        return z
+    if how == "center":
+        return z - z.mean(dim=(0, 1), keepdim=True)
+    if how == "ln":
+        return F.layer_norm(hidden[-1].float(), hidden[-1].shape[-1:], eps=1e-6)
+    if how == "avg":
+        return sum(F.instance_norm(h.float().transpose(1, 2), eps=1e-6).transpose(1, 2) for h in hidden) / len(hidden)
+    raise ValueError(f"unknown teacher target {how!r}; choose from {', '.join(TEACHER_TARGETS)}")
+
 
 class DSMAE(nn.Module):
     """Denoising self-distillation masked autoencoder (Xu & Stirenko 2023).
@@ -416,7 +416,7 @@ class DSMAE(nn.Module):
     Only the tokens of the noised patches go on, to
       - the decoder, which predicts their clean pixels (L_y, Eq. 1), and
       - the regressor (2 blocks), which predicts the tokens an EMA teacher computes from the
-        clean image at the same patches (L_z, Eq. 2).
+        clean image at the same patches (L_z, Eq. 2; which tokens: teacher_target).
     L = lam * L_y + (1 - lam) * L_z. With lam = 1 there is no teacher and no regressor, with
     lam = 0 no decoder: the branches are not built, so they cannot cost time or memory.
     The regressor gets no extra positional embedding: its input tokens already carry one.
@@ -482,18 +482,82 @@ class DSMAE(nn.Module):
             self.teacher.update(self.encoder, momentum)
 
 
-# ----------------------------------------------------------------------------- named sizes
+# ============================================================================= 4. training helpers
 
-MODELS = {
-    "vit_nano": dict(embed_dim=32, depth=2, num_heads=2),       # tests
-    "vit_micro": dict(embed_dim=96, depth=6, num_heads=3),      # CPU labs: learns in minutes
-    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
-    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
-    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
-}
+NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed")
 
 
-# ----------------------------------------------------------------------------- evaluation: load, features, k-NN
+def param_groups(model, weight_decay, layer_decay=None):
+    """AdamW parameter groups: no weight decay on norms, biases (every tensor of at most one
+    dimension) and the learned tokens and embeddings (NO_DECAY_NAMES), weight_decay elsewhere.
+
+    layer_decay (fine-tuning a ViT; BEiT, MAE): the embeddings are layer 0, block i is layer i + 1,
+    the final norm and the head layer depth + 1, and a layer's lr is scaled by
+    layer_decay ** (depth + 1 - layer), in each group's "lr_scale" (1 without layer decay)."""
+    depth, groups = len(getattr(model, "blocks", [])), {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES
+        layer = depth + 1
+        if layer_decay is not None:
+            layer = 0 if name.startswith(("cls_token", "pos_embed", "patch_embed")) else \
+                int(name.split(".")[1]) + 1 if name.startswith("blocks.") else depth + 1
+        g = groups.setdefault((layer, no_decay), dict(params=[], weight_decay=0.0 if no_decay else weight_decay,
+                                                      lr_scale=(layer_decay or 1.0) ** (depth + 1 - layer)))
+        g["params"].append(p)
+    return [groups[k] for k in sorted(groups)]           # decay before no decay, layer by layer
+
+
+def bf16_is_fast(device):
+    """Whether bf16 autocast pays on this device: CUDA with bf16 support, or a CPU with native
+    bf16 matmuls (AMX or AVX512-BF16); elsewhere bf16 is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_device(name):
+    """--device auto | cpu | cuda | cuda:N | mps as a torch.device, or SystemExit with one line when
+    the machine has no such device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"error: --device {name}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise SystemExit(f"error: --device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s) visible to "
+                         f"torch; use --device cpu (or auto)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit(f"error: --device {name}: no Apple GPU here; use --device cpu (or auto)")
+    return device
+
+
+def save_checkpoint(state, path):
+    """Atomic: written to path.tmp, then renamed over path, so a crash while writing leaves the
+    previous checkpoint intact. A failed write (a full disk) removes the temporary file and stops
+    the run with one line saying what is left."""
+    tmp = path + ".tmp"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:              # torch's zip writer reports a full disk as RuntimeError
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        kept = f"the previous {path} is intact" if os.path.exists(path) else f"there was no earlier {path}"
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise SystemExit(f"error: could not write {path} ({why}); {kept}. Free some space or choose another "
+                         f"--output-dir, then rerun the command") from None
+
+
+# ============================================================================= 5. evaluation
 
 @torch.no_grad()
 def knn_predict(train_feats, train_labels, test_feats, num_classes, k=20, T=0.07, chunk=512):
@@ -512,6 +576,63 @@ def knn_predict(train_feats, train_labels, test_feats, num_classes, k=20, T=0.07
     return torch.cat(preds)
 
 
+def per_class_accuracy(pred, y, num_classes):
+    """(num_classes,) fraction of each class's samples predicted right (nan for absent classes)."""
+    hit = torch.zeros(num_classes, device=y.device).index_add_(0, y, (pred == y).float())
+    count = torch.bincount(y, minlength=num_classes).float()
+    return hit / count
+
+
+@torch.no_grad()
+def evaluate(model, images, labels, transform, num_classes, amp=None, batch_size=256):
+    """Top-1, mean per-class and per-class accuracy (%) of a classifier on uint8 images (n, C, H, W)
+    put through transform (uint8 batch on the model's device -> normalised float batch)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    preds = []
+    for i in range(0, len(images), batch_size):
+        with amp if amp is not None else torch.autocast(device.type, enabled=False):
+            preds.append(model(transform(images[i:i + batch_size].to(device))).argmax(dim=1))
+    model.train(was_training)
+    pred, y = torch.cat(preds), labels.to(device)
+    per_class = per_class_accuracy(pred, y, num_classes) * 100
+    return dict(top1=(pred == y).float().mean().item() * 100, mean_per_class=per_class.nanmean().item(),
+                per_class=[round(v, 2) for v in per_class.tolist()])
+
+
+@torch.no_grad()
+def extract_features(encoder, images, transform, batch_size=256, device="cpu", amp=None):
+    """Class token and mean of the patch tokens, (n, D) each, for uint8 images (n, C, H, W) put
+    through transform (uint8 batch on device -> normalised float batch), in eval mode."""
+    was_training = encoder.training
+    encoder.eval()
+    cls, avg = [], []
+    for i in range(0, len(images), batch_size):
+        x = transform(images[i:i + batch_size].to(device))
+        with amp if amp is not None else torch.autocast(x.device.type, enabled=False):
+            z = encoder.forward_features(x)
+        cls.append(z[:, 0].float())
+        avg.append(z[:, 1:].float().mean(dim=1))
+    encoder.train(was_training)
+    return torch.cat(cls), torch.cat(avg)
+
+
+def read_checkpoint(path, what="checkpoint"):
+    """torch.load(weights_only=True) of a checkpoint this project wrote; ValueError naming the file
+    when it is missing, truncated or not a checkpoint at all."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable {what} (truncated or another kind of file: "
+                         f"{type(e).__name__}); point to the ckpt.pt or best.pt a script wrote") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} is not a {what} of this project (no dict inside)")
+    return ckpt
+
+
 def load_encoder(path=None, key="teacher", *, model=None, img_size=None, patch_size=None, in_chans=None,
                  drop_path=0.0, num_classes=0, global_pool="token"):
     """The ViT to evaluate: from a pretrain.py checkpoint (key 'teacher': the EMA encoder, or
@@ -526,7 +647,7 @@ def load_encoder(path=None, key="teacher", *, model=None, img_size=None, patch_s
     if path is None:
         return ViT(img_size=img_size, patch_size=patch_size, in_chans=in_chans or 3, drop_path=drop_path,
                    num_classes=num_classes, global_pool=global_pool, **MODELS[model])
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(path, "pretrain.py checkpoint")
     if "encoder_config" not in ckpt:
         raise ValueError(f"{path} is not a pretrain.py checkpoint (no encoder_config)")
     cfg = dict(ckpt["encoder_config"])
@@ -558,31 +679,7 @@ def load_encoder(path=None, key="teacher", *, model=None, img_size=None, patch_s
     return enc
 
 
-def per_class_accuracy(pred, y, num_classes):
-    """(num_classes,) fraction of each class's samples predicted right (nan for absent classes)."""
-    hit = torch.zeros(num_classes, device=y.device).index_add_(0, y, (pred == y).float())
-    count = torch.bincount(y, minlength=num_classes).float()
-    return hit / count
-
-
-@torch.no_grad()
-def extract_features(encoder, images, transform, batch_size=256, device="cpu", amp=None):
-    """Class token and mean of the patch tokens, (n, D) each, for uint8 images (n, C, H, W) put
-    through transform (uint8 batch on device -> normalised float batch), in eval mode."""
-    was_training = encoder.training
-    encoder.eval()
-    cls, avg = [], []
-    for i in range(0, len(images), batch_size):
-        x = transform(images[i:i + batch_size].to(device))
-        with amp if amp is not None else torch.autocast(x.device.type, enabled=False):
-            z = encoder.forward_features(x)
-        cls.append(z[:, 0].float())
-        avg.append(z[:, 1:].float().mean(dim=1))
-    encoder.train(was_training)
-    return torch.cat(cls), torch.cat(avg)
-
-
-# ----------------------------------------------------------------------------- ResNet backbones, classifiers
+# ============================================================================= 6. ResNets, classifiers
 
 RESNETS = ("resnet18", "resnet34", "resnet50")
 
@@ -624,8 +721,8 @@ def load_classifier(path, device="cpu"):
     normalised images to (B, num_classes) logits. meta: kind, num_classes, classes, mean, std,
     img_size, in_chans, pool ("cls" | "mean" for a ViT, "avg" for a ResNet).
     """
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if "encoder_config" not in ckpt and "backbone_config" not in ckpt:
+    ckpt = read_checkpoint(path, "classifier checkpoint")
+    if "num_classes" not in ckpt or ("encoder_config" not in ckpt and "backbone_config" not in ckpt):
         raise ValueError(f"{path} is neither a finetune.py nor a curriculum.py classifier checkpoint")
     name, num_classes = ckpt.get("backbone", "vit"), ckpt["num_classes"]
     cfg = dict(ckpt.get("backbone_config") or ckpt["encoder_config"])

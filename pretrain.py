@@ -7,7 +7,8 @@ method) or MAE (its baseline).
 
 Writes to --output-dir: ckpt.pt (the latest state; rerunning the command resumes from it),
 args.json, log.jsonl (one JSON line per epoch) and recon_XXXX.png (noisy | reconstructed |
-original, like the paper's Fig. 2). Per-dataset defaults follow the paper's Table 1.
+original, like the paper's Fig. 2). Defaults depend on --dataset (the table below); --help
+shows the ones that apply to the --dataset given with it.
 """
 import argparse
 import json
@@ -22,28 +23,43 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from models import (DSMAE, MAE, MODELS, TEACHER_TARGETS, ViT, bf16_is_fast, ema_momentum, extract_features, knn_predict, patchify,
-                    unpatchify)
+from models import (DSMAE, MAE, MODELS, TEACHER_TARGETS, ViT, bf16_is_fast, ema_momentum, extract_features,
+                    knn_predict, param_groups, patchify, read_checkpoint, resolve_device, save_checkpoint, unpatchify)
 
 # the paper's Table 1 for CIFAR and STL-10 (its batch 2048; 1024 for ViT-B on STL-10). For
 # synthetic, a laptop-CPU lab: a small model, a small batch, and a base lr that moves the weights
 # within 390 steps (the paper's 1.5e-4 gives lr 7.5e-5 at batch 128)
+PAPER = dict(epochs=500, batch_size=2048, blr=1.5e-4, warmup_epochs=20, decoder_dim=256, decoder_depth=4)
 DEFAULTS = {
-    "synthetic": dict(model="vit_micro", img_size=32, patch_size=4, epochs=10, warmup_epochs=1,
-                      batch_size=128, blr=1e-3, decoder_dim=128, decoder_depth=2, knn_every=5),
-    "cifar10": dict(model="vit_tiny", img_size=32, patch_size=2),
-    "cifar100": dict(model="vit_tiny", img_size=32, patch_size=2),
-    "stl10": dict(model="vit_small", img_size=96, patch_size=6, split="train+unlabeled"),
-    "npz": dict(model="vit_tiny", img_size=32, patch_size=4, batch_size=256, epochs=100, warmup_epochs=10),
-    "folder": dict(model="vit_small", img_size=224, patch_size=16, batch_size=256, epochs=100, warmup_epochs=10),
+    "synthetic": dict(epochs=10, warmup_epochs=1, batch_size=128, blr=1e-3, decoder_dim=128, decoder_depth=2,
+                      knn_every=5),
+    "cifar10": {}, "cifar100": {},
+    "stl10": dict(split="train+unlabeled"),
+    "npz": dict(batch_size=256, epochs=100, warmup_epochs=10),
+    "folder": dict(batch_size=256, epochs=100, warmup_epochs=10),
     # chest X-rays, after the notes: 90% of patches masked, crops no smaller than half the image
-    "dicom": dict(model="vit_small", img_size=224, patch_size=16, batch_size=256, epochs=100, warmup_epochs=10,
-                  mask_ratio=0.9, crop_scale=0.5),
+    "dicom": dict(batch_size=256, epochs=100, warmup_epochs=10, mask_ratio=0.9, crop_scale=0.5),
 }
 
 
+def dataset_defaults(name):
+    """The defaults a run on dataset `name` uses: the paper's, the dataset's geometry, its overrides."""
+    model, img_size, patch_size = data.GEOMETRY[name]
+    return dict(PAPER, model=model, img_size=img_size, patch_size=patch_size, **DEFAULTS[name])
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--dataset", default="synthetic", choices=data.DATASETS)
+    dataset = pre.parse_known_args(argv)[0].dataset
+    table = "\n".join(f"  {k:10s} " + ", ".join(f"{a}={v}" for a, v in dataset_defaults(k).items()
+                                                 if a not in PAPER or PAPER[a] != v) for k in DEFAULTS)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
+                                epilog=f"defaults per --dataset (the rest: {PAPER}):\n{table}")
     # common flags, spelled the same in every script
     p.add_argument("--dataset", default="synthetic", choices=data.DATASETS)
     p.add_argument("--data-dir", default="data", help="folder holding the dataset (a .npz file for npz)")
@@ -51,16 +67,16 @@ def get_args(argv=None):
     p.add_argument("--output-dir", default=None, help="default: runs/<method>_<dataset>_<model>")
     p.add_argument("--resume", default="", help="checkpoint to resume from (default: <output-dir>/ckpt.pt if present)")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-    p.add_argument("--epochs", type=int, default=500)
+    p.add_argument("--epochs", type=int)
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimiser steps (0: no limit); "
                    "the schedule still spans --epochs, so a stopped run resumes exactly")
-    p.add_argument("--batch-size", type=int, default=2048, help="global batch, split over the DDP ranks")
-    p.add_argument("--model", default="vit_tiny", choices=MODELS)
-    p.add_argument("--img-size", type=int, default=32)
-    p.add_argument("--patch-size", type=int, default=2)
+    p.add_argument("--batch-size", type=int, help="global batch, split over the DDP ranks")
+    p.add_argument("--model", choices=MODELS)
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--patch-size", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: on for CUDA, off for CPU)")
+                   help="torch.compile the model (None: on for CUDA, off for CPU)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="bf16 autocast; auto: bf16 where it is fast (CUDA, CPUs with AMX/AVX512-BF16)")
     p.add_argument("--num-workers", type=int, default=4, help="threads decoding a folder dataset")
@@ -79,8 +95,8 @@ def get_args(argv=None):
     p.add_argument("--target-blocks", type=int, default=1, help="DS-MAE --target avg: how many last teacher blocks")
     p.add_argument("--mask-ratio", type=float, default=0.75, help="MAE: fraction of patches masked (0.9 for X-rays)")
     p.add_argument("--norm-pix", action="store_true", help="pixel targets normalised per patch (MAE's norm_pix_loss)")
-    p.add_argument("--decoder-dim", type=int, default=256)
-    p.add_argument("--decoder-depth", type=int, default=4)
+    p.add_argument("--decoder-dim", type=int)
+    p.add_argument("--decoder-depth", type=int)
     p.add_argument("--regressor-depth", type=int, default=2)
     p.add_argument("--ema-start", type=float, default=0.96, help="DS-MAE teacher momentum at step 0, cosine to --ema-end")
     p.add_argument("--ema-end", type=float, default=0.99)
@@ -88,11 +104,11 @@ def get_args(argv=None):
                    "momentum m becomes m ** (batch / ref), the same lag in images (0: used as given)")
     p.add_argument("--drop-path", type=float, default=0.0)
     # optimisation
-    p.add_argument("--blr", type=float, default=1.5e-4, help="base lr: lr = blr * batch * accum / 256")
+    p.add_argument("--blr", type=float, help="base lr: lr = blr * batch * accum / 256")
     p.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
     p.add_argument("--min-lr", type=float, default=0.0)
     p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-epochs", type=float, default=20)
+    p.add_argument("--warmup-epochs", type=float)
     p.add_argument("--accum-iter", type=int, default=1, help="batches per optimiser step")
     p.add_argument("--clip-grad", type=float, default=None)
     p.add_argument("--aug", action=argparse.BooleanOptionalAction, default=True,
@@ -103,10 +119,14 @@ def get_args(argv=None):
     p.add_argument("--knn-samples", type=int, default=10000, help="labelled images used by the k-NN monitor, per split")
     p.add_argument("--vis-every", type=int, default=20, help="epochs between reconstruction pictures")
     p.add_argument("--log-every", type=int, default=20, help="steps between reading the loss on the host")
+    p.add_argument("--save-every", type=float, default=10, help="minutes between checkpoints within an epoch (and one "
+                   "at every epoch's end): a killed run loses at most this much")
     data.add_data_args(p)
-    pre, _ = p.parse_known_args(argv)
-    p.set_defaults(**DEFAULTS[pre.dataset])
-    return p.parse_args(argv)
+    p.set_defaults(**dataset_defaults(dataset))              # before parsing, so --help shows them
+    args = p.parse_args(argv)
+    if args.img_size % args.patch_size:
+        p.error(f"--img-size {args.img_size} is not divisible by --patch-size {args.patch_size}")
+    return args
 
 
 def cosine_lr(step, total, warmup, base, min_lr=0.0):
@@ -117,30 +137,87 @@ def cosine_lr(step, total, warmup, base, min_lr=0.0):
     return min_lr + (base - min_lr) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def param_groups(model, weight_decay):
-    """No weight decay on norms, biases, the positional embedding and the learned tokens."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            skip = p.ndim <= 1 or name.endswith(("cls_token", "mask_token", "pos_embed"))
-            (no_decay if skip else decay).append(p)
-    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+def setup(args):
+    """torchrun or a single process: (device, rank, world size, autocast context, its name)."""
+    device, rank, world = resolve_device(args.device), 0, 1
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+    if args.batch_size % world:
+        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by the {world} processes")
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_is_fast(device))
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    return device, rank, world, amp, "bf16" if bf16 else "fp32"
 
 
-def save_checkpoint(state, path):
-    """Atomic: a crash while writing leaves the previous checkpoint intact."""
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+def resume(raw_model, opt, path, explicit, say):
+    """Load a checkpoint into the model and the optimiser; the step to continue from (0: none yet)."""
+    if not os.path.exists(path):
+        if explicit:
+            raise SystemExit(f"--resume {path}: no such file")
+        return 0
+    try:
+        ckpt = read_checkpoint(path)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}. To start over, delete it or choose another --output-dir")
+    try:
+        raw_model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise SystemExit(f"error: {path} was written by another configuration ({str(e).splitlines()[0]}); "
+                         f"choose a new --output-dir")
+    say(f"resumed from {path} at step {ckpt['step']}")
+    return ckpt["step"]
 
 
-def knn_accuracy(encoder, train, test, img_size, device, amp, n_max):
+def append_log(out_dir, row):
+    with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def build_model(args, in_chans):
+    encoder = ViT(img_size=args.img_size, patch_size=args.patch_size, in_chans=in_chans, drop_path=args.drop_path,
+                  **MODELS[args.model])
+    if args.method == "mae":
+        return MAE(encoder, decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth, mask_ratio=args.mask_ratio,
+                   norm_pix=args.norm_pix)
+    return DSMAE(encoder, decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
+                 regressor_depth=args.regressor_depth, noise_ratio=args.noise_ratio, noise_std=args.noise_std,
+                 noise_mode=args.noise_mode, lam=args.lam, norm_pix=args.norm_pix, per_token_cos=args.per_token_cos,
+                 target=args.target, target_blocks=args.target_blocks)
+
+
+def checkpoint_state(raw_model, opt, step, steps_per_epoch, args, train_set):
+    """Everything a resume needs, plus what evaluation scripts read: the student encoder, the
+    teacher (DS-MAE), the encoder's constructor arguments and the data's normalisation."""
+    state = dict(model=raw_model.state_dict(), opt=opt.state_dict(), step=step, epoch=step // steps_per_epoch,
+                 args=vars(args), encoder=raw_model.encoder.state_dict(), encoder_config=raw_model.encoder.config(),
+                 data=dict(dataset=args.dataset, mean=list(train_set.mean), std=list(train_set.std),
+                           classes=list(train_set.classes)))
+    if getattr(raw_model, "teacher", None) is not None:
+        state["teacher"] = raw_model.teacher.module.state_dict()
+    return state
+
+
+def knn_accuracy(encoder, train, test, img_size, device, amp, n_max, rank=0, world=1):
     """k-NN (k=20, cosine, DINO's weighted votes) top-1 of the class token and of the mean of the
-    patch tokens, from evenly spaced subsets of at most n_max labelled images per split."""
+    patch tokens, from evenly spaced subsets of at most n_max labelled images per split. Under DDP
+    each rank encodes every world-th image and the features are gathered: call it on every rank."""
     transform = lambda x: data.preprocess(x, img_size, train.mean, train.std)
     feats = []
     for ds in (train, test):
         keep = torch.linspace(0, len(ds) - 1, min(n_max, len(ds))).long()
-        feats.append((*extract_features(encoder, ds.x[keep], transform, device=device, amp=amp), ds.y[keep].to(device)))
+        z = torch.cat(extract_features(encoder, ds.x[keep[rank::world]], transform, device=device, amp=amp), 1).cpu()
+        if world > 1:
+            parts = [None] * world
+            dist.all_gather_object(parts, z)
+            z, keep = torch.cat(parts), torch.cat([keep[r::world] for r in range(world)])
+        D = z.shape[1] // 2
+        feats.append((z[:, :D], z[:, D:], ds.y[keep]))             # class token, mean of patches, labels
     (tr_cls, tr_avg, tr_y), (te_cls, te_avg, te_y) = feats
     acc = lambda a, b: (knn_predict(a, tr_y, b, len(train.classes)) == te_y).float().mean().item() * 100
     return dict(knn_cls=acc(tr_cls, te_cls), knn_mean=acc(tr_avg, te_avg))
@@ -174,47 +251,36 @@ def save_reconstructions(model, imgs, mean, std, norm_pix, path):
     save_image(cells, path, nrow=2 * len(rows), padding=1, pad_value=1.0)
 
 
+def save_picture(raw_model, args, epoch, vis_set, train_set, device, out_dir):
+    """The reconstruction picture of 8 fixed images (the test split's where there is one)."""
+    x = data.preprocess(vis_set.x[torch.linspace(0, len(vis_set) - 1, 8).long()].to(device),
+                        args.img_size, train_set.mean, train_set.std)
+    save_reconstructions(raw_model, x, train_set.mean, train_set.std, args.norm_pix,
+                         os.path.join(out_dir, f"recon_{epoch + 1:04d}.png"))
+
+
+def load_data(args):
+    """The split to pretrain on, and the labelled train/test pair the k-NN monitor reads (None
+    when the dataset has no labels): STL-10's train+unlabeled is monitored on train and test."""
+    try:
+        train_set = data.load_split(args, args.split, args.img_size, args.download)
+        knn_train = train_set if args.split == "train" else data.load_split(args, "train", args.img_size)
+        knn_test = data.load_split(args, "test", args.img_size)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    return train_set, (knn_train, knn_test) if knn_train.y is not None and knn_test.y is not None else None
+
+
 def main(args):
     # ---- setup: devices, DDP (torchrun), precision
-    ddp = "RANK" in os.environ
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-    if ddp:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-    else:
-        rank, world = 0, 1
-    master = rank == 0
+    device, rank, world, amp, precision = setup(args)
+    ddp, master, cuda = "RANK" in os.environ, rank == 0, device.type == "cuda"
     say = print if master else (lambda *a, **k: None)
-    if args.img_size % args.patch_size:
-        raise SystemExit(f"--img-size {args.img_size} is not divisible by --patch-size {args.patch_size}")
-    if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
-    cuda = device.type == "cuda"
-    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_is_fast(device))
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     compile_model = cuda if args.compile is None else args.compile
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     out_dir = args.output_dir or os.path.join("runs", f"{args.method}_{args.dataset}_{args.model}")
 
     # ---- data: uint8 images, on the GPU when there is one (augmentation runs there too)
-    xray = data.data_options(args)
-    try:
-        train_set = data.build_dataset(args.dataset, args.split, args.data_dir, args.img_size,
-                                       args.download, args.seed, args.num_workers, **xray)
-        # the k-NN monitor needs labels: the train split (STL-10: without unlabeled) and test
-        knn_train = train_set if args.split == "train" else data.build_dataset(
-            args.dataset, "train", args.data_dir, args.img_size, False, args.seed, args.num_workers, **xray)
-        knn_test = data.build_dataset(args.dataset, "test", args.data_dir, args.img_size, False,
-                                      args.seed, args.num_workers, **xray)
-        knn_sets = (knn_train, knn_test) if knn_train.y is not None and knn_test.y is not None else None
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    train_set, knn_sets = load_data(args)
     images = train_set.x.to(device) if cuda else train_set.x
     steps_per_epoch = len(train_set) // args.batch_size // args.accum_iter
     if steps_per_epoch == 0:
@@ -225,18 +291,7 @@ def main(args):
 
     # ---- model (the same initial weights on every rank)
     torch.manual_seed(args.seed)
-    encoder = ViT(img_size=args.img_size, patch_size=args.patch_size, in_chans=train_set.x.shape[1],
-                  drop_path=args.drop_path, **MODELS[args.model])
-    if args.method == "dsmae":
-        raw_model = DSMAE(encoder, decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
-                          regressor_depth=args.regressor_depth, noise_ratio=args.noise_ratio,
-                          noise_std=args.noise_std, noise_mode=args.noise_mode, lam=args.lam,
-                          norm_pix=args.norm_pix, per_token_cos=args.per_token_cos, target=args.target,
-                          target_blocks=args.target_blocks)
-    else:
-        raw_model = MAE(encoder, decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
-                        mask_ratio=args.mask_ratio, norm_pix=args.norm_pix)
-    raw_model.to(device)
+    raw_model = build_model(args, train_set.x.shape[1]).to(device)
     model = torch.compile(raw_model) if compile_model else raw_model
     if ddp:   # no buffers to sync (no BatchNorm): skip the per-step broadcast
         model = DDP(model, device_ids=[device.index] if cuda else None, broadcast_buffers=False)
@@ -244,67 +299,32 @@ def main(args):
     # ---- optimiser: AdamW, lr scaled by the effective batch (MAE's rule); fused, on a CPU too (+8-19%, bench.py)
     eff_batch = args.batch_size * args.accum_iter
     lr = args.lr or args.blr * eff_batch / 256
-    opt = torch.optim.AdamW(param_groups(raw_model, args.weight_decay), lr=lr, betas=(0.9, 0.95),
-                            fused=True)
+    opt = torch.optim.AdamW(param_groups(raw_model, args.weight_decay), lr=lr, betas=(0.9, 0.95), fused=True)
     n_params = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     say(f"{args.method} {args.model} on {args.dataset}/{args.split} ({len(train_set)} images, "
         f"{args.img_size}px, patch {args.patch_size}) | {n_params / 1e6:.2f}M trained params | {device} x {world} "
-        f"| {'bf16' if use_bf16 else 'fp32'}{' compiled' if compile_model else ''}")
+        f"| {precision}{' compiled' if compile_model else ''}")
     say(f"effective batch {eff_batch} | lr {lr:.3g} (blr {args.blr:g} x {eff_batch} / 256) | "
         f"{steps_per_epoch} steps/epoch x {args.epochs} epochs = {total_steps} steps, warm-up {warmup_steps}")
 
     # ---- resume: everything needed to continue exactly (randomness is seeded per step)
-    step = 0
-    ckpt_path = args.resume or os.path.join(out_dir, "ckpt.pt")
-    if os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        try:
-            raw_model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            raise SystemExit(f"{ckpt_path} was written by another configuration ({e.args[0].splitlines()[0]}); "
-                             f"choose a new --output-dir")
-        opt.load_state_dict(ckpt["opt"])
-        step = ckpt["step"]
-        say(f"resumed from {ckpt_path} at step {step}")
-    elif args.resume:
-        raise SystemExit(f"--resume {args.resume}: no such file")
+    step = resume(raw_model, opt, args.resume or os.path.join(out_dir, "ckpt.pt"), args.resume, say)
     if master:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
-
-    def checkpoint():
-        state = dict(model=raw_model.state_dict(), opt=opt.state_dict(), step=step, epoch=step // steps_per_epoch,
-                     args=vars(args), encoder=raw_model.encoder.state_dict(), encoder_config=encoder.config(),
-                     data=dict(dataset=args.dataset, mean=list(train_set.mean), std=list(train_set.std),
-                               classes=list(train_set.classes)))
-        if getattr(raw_model, "teacher", None) is not None:
-            state["teacher"] = raw_model.teacher.module.state_dict()
-        save_checkpoint(state, os.path.join(out_dir, "ckpt.pt"))
-
-    def monitor(epoch, final):
-        """k-NN accuracy and the reconstruction picture, on rank 0, every few epochs."""
-        out = {}
-        if knn_sets and (final or (args.knn_every and (epoch + 1) % args.knn_every == 0)):
-            out = knn_accuracy(raw_model.encoder, *knn_sets, args.img_size, device, amp, args.knn_samples)
-        if final or (args.vis_every and (epoch + 1) % args.vis_every == 0):
-            vis_set = knn_sets[1] if knn_sets else train_set
-            x = data.preprocess(vis_set.x[torch.linspace(0, len(vis_set) - 1, 8).long()].to(device),
-                                args.img_size, train_set.mean, train_set.std)
-            save_reconstructions(raw_model, x, train_set.mean, train_set.std, args.norm_pix,
-                                 os.path.join(out_dir, f"recon_{epoch + 1:04d}.png"))
-        return out
-
     # the k-NN of the untrained encoder: the number pretraining has to beat
-    if master and step == 0 and knn_sets:
-        init = knn_accuracy(raw_model.encoder, *knn_sets, args.img_size, device, amp, args.knn_samples)
+    if step == 0 and knn_sets:
+        init = knn_accuracy(raw_model.encoder, *knn_sets, args.img_size, device, amp, args.knn_samples, rank, world)
         say(f"k-NN at initialisation: class token {init['knn_cls']:.1f}%, mean of patch tokens {init['knn_mean']:.1f}%")
-        with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(dict(epoch=0, step=0, **init)) + "\n")
+        if master:
+            append_log(out_dir, dict(epoch=0, step=0, **init))
 
     # ---- loop
     raw_model.train()
     zero, stats = torch.zeros((), device=device), {}
+    ckpt_file, saved_step, t_saved = os.path.join(out_dir, "ckpt.pt"), step or None, time.time()
+    save = lambda: save_checkpoint(checkpoint_state(raw_model, opt, step, steps_per_epoch, args, train_set), ckpt_file)
     start_epoch, first = divmod(step, steps_per_epoch)
     max_steps = min(args.max_steps or total_steps, total_steps)
     for epoch in range(start_epoch, args.epochs):
@@ -344,8 +364,7 @@ def main(args):
             step += 1
             steps_log += 1
             bar.update(1)
-            last = step >= max_steps or step % steps_per_epoch == 0
-            if step % args.log_every == 0 or last:
+            if step % args.log_every == 0 or step >= max_steps or step % steps_per_epoch == 0:
                 # the only host synchronisation: read the losses every log_every steps
                 avg = sums / n_sum
                 if ddp:
@@ -353,30 +372,38 @@ def main(args):
                     avg /= world
                 loss_now = avg[0].item()
                 if not math.isfinite(loss_now):
-                    raise SystemExit(f"loss is {loss_now} at step {step}: stopping. The last good checkpoint "
-                                     f"{os.path.join(out_dir, 'ckpt.pt')} is untouched; lower --blr or use --precision fp32.")
-                ips = steps_log * eff_batch / (time.time() - t_log)
-                bar.set_postfix_str(f"loss {loss_now:.4f} lr {lr_now:.2e} {ips:.0f} img/s")
+                    kept = f"{ckpt_file} (step {saved_step}) is untouched" if saved_step else "no checkpoint was written"
+                    raise SystemExit(f"error: loss is {loss_now} at step {step}: stopping; {kept}. Lower --blr, or try "
+                                     f"--precision fp32 or --clip-grad 1")
+                bar.set_postfix_str(f"loss {loss_now:.4f} lr {lr_now:.2e} "
+                                    f"{steps_log * eff_batch / (time.time() - t_log):.0f} img/s")
                 t_log, steps_log = time.time(), 0
+            if master and step % steps_per_epoch and time.time() - t_saved >= 60 * args.save_every:
+                save()                                     # within the epoch: a kill loses minutes, not hours
+                saved_step, t_saved = step, time.time()
         bar.close()
 
-        # ---- end of epoch (or of the run): log, monitor, save
+        # ---- end of epoch (or of the run): k-NN monitor (every rank encodes a share), picture, log, save
         seconds = time.time() - t_epoch
-        final = step >= max_steps
         stats = dict(epoch=epoch + 1, step=step, loss=avg[0].item(), lr=lr_now,
                      img_per_s=n_sum * args.batch_size / seconds, seconds=round(seconds, 2))
         if args.method == "dsmae":
             stats.update(momentum=momentum, loss_y=avg[1].item() if args.lam > 0 else None,
                          loss_z=avg[2].item() if args.lam < 1 else None)
+        final = step >= max_steps
+        if knn_sets and (final or (args.knn_every and (epoch + 1) % args.knn_every == 0)):
+            stats.update(knn_accuracy(raw_model.encoder, *knn_sets, args.img_size, device, amp, args.knn_samples,
+                                      rank, world))
         if master:
-            stats.update(monitor(epoch, final))
+            if final or (args.vis_every and (epoch + 1) % args.vis_every == 0):
+                save_picture(raw_model, args, epoch, knn_sets[1] if knn_sets else train_set, train_set, device, out_dir)
             say(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
-            with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps(stats) + "\n")
-            checkpoint()
+            append_log(out_dir, stats)
+            save()
+            saved_step, t_saved = step, time.time()
 
     if ddp:
-        dist.barrier()                                 # rank 0 may still be monitoring
+        dist.barrier()                                 # rank 0 may still be writing
         dist.destroy_process_group()
     return dict(stats, step=step, out_dir=out_dir)
 

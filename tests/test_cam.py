@@ -59,8 +59,8 @@ def test_gradcam_equals_cam_up_to_positive_scale():
     torch.manual_seed(0)
     model, x = GapNet(), torch.randn(4, 3, 12, 12)
     for target in ("pred", "1"):
-        c, logits, cls = cam.class_map(model, x, "cam", target)
-        g, logits_g, cls_g = cam.class_map(model, x, "gradcam", target)
+        c, logits, cls, _ = cam.class_map(model, x, "cam", target)
+        g, logits_g, cls_g, _ = cam.class_map(model, x, "gradcam", target)
         assert torch.equal(cls, cls_g) and torch.allclose(logits, logits_g)
         assert (c.flatten(1).amax(1) > 0).all()
         # alpha_k = w_ck / (h w): Grad-CAM = CAM / (h w), image by image
@@ -108,7 +108,8 @@ def test_vit_default_layer_and_attention_maps():
     torch.manual_seed(0)
     vit = ViT(img_size=32, patch_size=2, num_classes=3, **MODELS["vit_nano"])     # a 16x16 grid
     x = torch.randn(2, 3, 32, 32)
-    maps, logits, cls = cam.class_map(vit, x, "gradcam")
+    maps, logits, cls, heads = cam.class_map(vit, x, "gradcam")
+    assert heads is None                                                  # only attention has per-head maps
     assert maps.shape == (2, 16, 16) and torch.isfinite(maps).all() and (maps >= 0).all()
     assert (maps.flatten(1).sum(1) > 0).all()             # a class-token head still gets a gradient there
     mean, logits, cls, heads = cam.class_map(vit, x, "attention")
@@ -226,9 +227,6 @@ def write_xrays(root, n=12, size=24):
 def test_command_line_two_checkpoints_on_xrays(tmp_path):
     """Two classifier checkpoints in finetune.py's format (a ViT, and one that says it was trained
     on seg-black), PNG X-rays with masks: panels, grids, CSVs and the comparison table."""
-    import models
-    if not hasattr(models, "load_classifier"):
-        pytest.skip("models.load_classifier not there yet")
     write_xrays(tmp_path / "xr")
     torch.manual_seed(0)
     paths = []
@@ -268,16 +266,14 @@ def test_resnet_cam_at_layer4_equals_gradcam():
     """A torchvision ResNet from models.build_resnet: the default layer is the input of its average
     pool (layer4's output); CAM and Grad-CAM agree there up to the scale 1 / (h w)."""
     import models
-    if not hasattr(models, "build_resnet"):
-        pytest.skip("models.build_resnet not there yet")
     torch.manual_seed(0)
     net = models.build_resnet("resnet18", in_chans=1, img_size=16)
     net.fc = nn.Linear(net.out_dim, 2)
     net.train()                                     # class_map switches to eval (BN running stats) and back
     x = torch.randn(3, 1, 16, 16)
     assert cam.default_layer(net) == (net.avgpool, "in")
-    c, _, cls = cam.class_map(net, x, "cam")
-    g, _, _ = cam.class_map(net, x, "gradcam")
+    c, _, cls, _ = cam.class_map(net, x, "cam")
+    g, _, _, _ = cam.class_map(net, x, "gradcam")
     assert c.shape == (3, 2, 2)                     # 16 px, CIFAR stem: layer4 at 1/8
     torch.testing.assert_close(g * 4, c, rtol=1e-4, atol=1e-6)
     assert net.training and count_hooks(net) == 0

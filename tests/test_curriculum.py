@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import finetune
-from models import build_resnet, load_classifier
+from models import build_resnet, evaluate, load_classifier
 
 
 def separable_npz(path, n_per_class=24, size=16, seed=0, channels=3):
@@ -142,7 +142,7 @@ def test_moco_queue_is_fifo_with_keys_from_the_key_encoder():
         task.step_done(step, 4)
         if step:
             assert not torch.allclose(k, q, atol=1e-4)          # the key encoder is not the query encoder
-    want = torch.cat([keys[3], keys[1][0:0], keys[1], keys[2]])  # step 3 overwrote the oldest (step 0)
+    want = torch.cat([keys[3], keys[1], keys[2]])              # step 3 overwrote the oldest (step 0)
     assert torch.allclose(task.queue, want, atol=1e-6) and int(task.ptr) == 4
 
 
@@ -153,6 +153,24 @@ def test_swav_sinkhorn_marginals():
     q = curriculum.sinkhorn(scores, eps=0.05, iters=200)
     assert torch.allclose(q.sum(0), torch.full((8,), 32 / 8), atol=1e-3)  # each prototype: an equal share
     assert (q >= 0).all()
+
+
+def test_adamw_does_not_decay_tokens_biases_or_norms():
+    task, _, _ = tiny_task("mae")
+    opt = curriculum.make_optimizer("adamw", task, 1e-3)
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    trainable = {name: p for name, p in task.named_parameters() if p.requires_grad}
+    assert sorted(decay) == sorted(id(p) for p in trainable.values())          # each parameter once
+    no_decay = [n for n, p in trainable.items() if decay[id(p)] == 0.0]
+    assert {"model.mask_token", "model.encoder.cls_token"} <= set(no_decay)  # the drift that was found
+    assert "model.encoder.blocks.0.norm1.weight" in no_decay and "model.encoder.blocks.0.attn.qkv.bias" in no_decay
+    assert all(decay[id(p)] == 0.05 for n, p in trainable.items()
+               if p.ndim > 1 and n.split(".")[-1] not in ("cls_token", "mask_token", "pos_embed"))
+
+
+def test_a_misspelt_task_keyword_is_an_error():
+    with pytest.raises(TypeError):
+        tiny_task("moco", queu=12)
 
 
 def test_switching_heads_keeps_the_backbone_bit_identical():
@@ -188,13 +206,13 @@ def test_lr_search_picks_the_best_value_and_the_classifier_round_trips(tmp_path)
     assert res["stages"][-1]["lr"] == 0.1 == float(max(trials, key=trials.get)) and trials["0.1"] > trials["0"]
     model, meta = load_classifier(res["checkpoint"])
     assert meta["kind"] == "cnn" and meta["num_classes"] == 4 and meta["in_chans"] == 1 and meta["img_size"] == 8
-    test = data.build_dataset("npz", "test", path)
-    again = curriculum.evaluate(model, test, 8, meta["mean"], meta["std"], torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    test = data.build_dataset("npz", "test", data_dir=path)
+    again = evaluate(model, test.x, test.y, lambda x: data.preprocess(x, 8, meta["mean"], meta["std"]), 4)
     assert again["top1"] == res["metrics"]["top1"] and again["per_class"] == res["metrics"]["per_class"]
 
 
 class Killed(Exception):
-    pass
+    """Stands in for a kill during a trial."""
 
 
 def test_resume_skips_finished_stages_and_trials(tmp_path, monkeypatch):
@@ -233,6 +251,8 @@ def test_resume_skips_finished_stages_and_trials(tmp_path, monkeypatch):
     for other in (["--cls-mode", "linear"], ["--split-fractions", "0.5,0.2,0.3"]):      # data and classifier too
         with pytest.raises(SystemExit, match="other settings"):
             curriculum.main(tiny_run(path, tmp_path / "run", *vit, "--stages", "rotation", *other))
+    with pytest.raises(SystemExit, match="rotation-classify"):     # cls_* flags: the pretext stage is reused
+        curriculum.main(tiny_run(path, tmp_path / "run", *vit, "--stages", "rotation", "--cls-epochs", "3"))
     model, meta = load_classifier(res["checkpoint"])
     assert meta["kind"] == "vit" and meta["classes"] == ["r", "g", "b", "y"]
 

@@ -1,5 +1,7 @@
 """Loaders read files written here in the datasets' exact on-disk formats; batches and
 augmentation behave as documented."""
+import argparse
+import os
 import pickle
 
 import numpy as np
@@ -35,8 +37,8 @@ def write_cifar(root, hundred=False, n=6, seed=0):
 
 def test_cifar10_reads_official_pickles(tmp_path):
     written = write_cifar(tmp_path)
-    train = data.build_dataset("cifar10", "train", str(tmp_path))
-    test = data.build_dataset("cifar10", "test", str(tmp_path))
+    train = data.build_dataset("cifar10", "train", data_dir=str(tmp_path))
+    test = data.build_dataset("cifar10", "test", data_dir=str(tmp_path))
     assert train.x.shape == (30, 3, 32, 32) and train.x.dtype == torch.uint8 and test.x.shape == (6, 3, 32, 32)
     x, y = written["data_batch_2"]
     # row layout of the pickles: 1024 red, then green, then blue values, each row-major
@@ -62,21 +64,28 @@ def _download_in_rank(rank, world, root, store, out):
         time.sleep(0.5)                                     # long enough for a second rank to collide
         write_cifar(Path(root_))
     torchvision.datasets.CIFAR10 = fake_download
-    ds = data.build_dataset("cifar10", "train", root, download=True)
-    np.save(os.path.join(out, f"rank{rank}.npy"), np.array([len(calls), len(ds)]))
+    args = data.add_data_args(argparse.ArgumentParser()).parse_args([])
+    args.dataset, args.data_dir, args.seed, args.num_workers = "cifar10", root, 0, 1
+    ds = data.load_split(args, "train", 32, download=True)
+    # every rank's images live in the one file mapped from shared memory, not in a private copy
+    ptr, maps = ds.x.data_ptr(), [line.split() for line in open("/proc/self/maps") if "/dsmae_" in line]
+    mapped = any(int(m[0].split("-")[0], 16) <= ptr < int(m[0].split("-")[1], 16) for m in maps)
+    np.save(os.path.join(out, f"rank{rank}.npy"), np.array([len(calls), len(ds), int(ds.x.sum()), mapped]))
     dist.destroy_process_group()
 
 
 def test_ddp_ranks_download_once(tmp_path):
     torch.multiprocessing.spawn(_download_in_rank, args=(2, str(tmp_path / "data"), str(tmp_path / "store"),
                                                          str(tmp_path)), nprocs=2)
-    (calls0, n0), (calls1, n1) = np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy")
-    assert calls0 == 1 and calls1 == 0 and n0 == n1 == 30    # rank 1 read what rank 0 fetched
+    (calls0, n0, s0, m0), (calls1, n1, s1, m1) = np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy")
+    assert calls0 == 1 and calls1 == 0 and n0 == n1 == 30    # rank 1 neither fetched nor decoded: it mapped
+    assert s0 == s1 and m0 and m1                            # rank 0's copy
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith("dsmae_")]   # unlinked once mapped
 
 
 def test_cifar100_reads_fine_labels(tmp_path):
     written = write_cifar(tmp_path, hundred=True)
-    ds = data.build_dataset("cifar100", "test", str(tmp_path))
+    ds = data.build_dataset("cifar100", "test", data_dir=str(tmp_path))
     assert ds.y.tolist() == written["test"][1] and len(ds.classes) == 100
     assert torch.equal(ds.x.reshape(6, -1), torch.from_numpy(written["test"][0]))
 
@@ -102,25 +111,25 @@ def write_stl10(root, n=(3, 2, 4), seed=0):
 
 def test_stl10_reads_binary_files_and_keeps_unlabeled_unlabeled(tmp_path):
     imgs = write_stl10(tmp_path)
-    train = data.build_dataset("stl10", "train", str(tmp_path))
+    train = data.build_dataset("stl10", "train", data_dir=str(tmp_path))
     assert torch.equal(train.x, torch.from_numpy(imgs["train"]))
     assert train.x[1, 2, 10, 50].item() == imgs["train"][1, 2, 10, 50]        # row 10, column 50
     assert train.y.tolist() == (imgs["train_y"].astype(int) - 1).tolist()
     assert train.classes[7] == "monkey"
-    unl = data.build_dataset("stl10", "unlabeled", str(tmp_path))
+    unl = data.build_dataset("stl10", "unlabeled", data_dir=str(tmp_path))
     assert unl.y is None and torch.equal(unl.x, torch.from_numpy(imgs["unlabeled"]))
-    both = data.build_dataset("stl10", "train+unlabeled", str(tmp_path))
+    both = data.build_dataset("stl10", "train+unlabeled", data_dir=str(tmp_path))
     assert both.y is None and len(both) == 7
     assert torch.equal(both.x[3:], torch.from_numpy(imgs["unlabeled"]))
     with pytest.raises(ValueError, match="splits"):
-        data.build_dataset("stl10", "val", str(tmp_path))
+        data.build_dataset("stl10", "val", data_dir=str(tmp_path))
 
 
 @pytest.mark.parametrize("name,folder", [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python"),
                                          ("stl10", "stl10_binary")])
 def test_missing_dataset_says_where_and_what_to_run(tmp_path, name, folder):
     with pytest.raises(FileNotFoundError) as e:
-        data.build_dataset(name, "train", str(tmp_path / "nowhere"))
+        data.build_dataset(name, "train", data_dir=str(tmp_path / "nowhere"))
     assert folder in str(e.value) and "--download" in str(e.value) and "nowhere" in str(e.value)
 
 
@@ -129,15 +138,15 @@ def test_npz_holdout_split(tmp_path):
     x = rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
     y = np.repeat(np.arange(4), 10)
     np.savez(tmp_path / "d.npz", x=x, y=y, class_names=np.array(["a", "b", "c", "d"]))
-    train = data.build_dataset("npz", "train", str(tmp_path / "d.npz"))
-    test = data.build_dataset("npz", "test", str(tmp_path / "d.npz"))
+    train = data.build_dataset("npz", "train", data_dir=str(tmp_path / "d.npz"))
+    test = data.build_dataset("npz", "test", data_dir=str(tmp_path / "d.npz"))
     assert len(train) == 36 and len(test) == 4 and test.y.tolist() == [0, 1, 2, 3]
     assert torch.equal(test.x[0], torch.from_numpy(x[9]).permute(2, 0, 1))   # last of class 0
     assert train.classes == ["a", "b", "c", "d"]
     mean = x[[i for i in range(40) if i % 10 != 9]].reshape(-1, 3).mean(0) / 255
     assert np.allclose(train.mean, mean, atol=1e-4) and train.mean == test.mean
     np.savez(tmp_path / "u.npz", x=x)
-    assert data.build_dataset("npz", "train", str(tmp_path / "u.npz")).y is None
+    assert data.build_dataset("npz", "train", data_dir=str(tmp_path / "u.npz")).y is None
 
 
 def test_folder_of_class_subfolders(tmp_path):
@@ -150,11 +159,11 @@ def test_folder_of_class_subfolders(tmp_path):
             Image.fromarray(a).save(tmp_path / c / f"{i:02d}.png")
             arrays[(c, i)] = a
     (tmp_path / "dog" / "notes.txt").write_text("not an image")
-    train = data.build_dataset("folder", "train", str(tmp_path), img_size=16)
-    test = data.build_dataset("folder", "test", str(tmp_path), img_size=16)
+    train = data.build_dataset("folder", "train", data_dir=str(tmp_path), img_size=16)
+    test = data.build_dataset("folder", "test", data_dir=str(tmp_path), img_size=16)
     assert train.classes == ["cat", "dog"] and len(train) == 18 and test.y.tolist() == [0, 1]
     assert torch.equal(test.x[1], torch.from_numpy(arrays[("dog", 9)]).permute(2, 0, 1))
-    small = data.build_dataset("folder", "train", str(tmp_path), img_size=8)
+    small = data.build_dataset("folder", "train", data_dir=str(tmp_path), img_size=8)
     assert small.x.shape == (18, 3, 8, 8)
 
 

@@ -9,12 +9,8 @@ import data
 import finetune
 import linprobe
 import pretrain
+from conftest import TINY_PRETRAIN, separable_npz
 from models import MODELS, ViT, extract_features, knn_predict, load_encoder, per_class_accuracy
-
-TINY_PRETRAIN = ["--dataset", "synthetic", "--model", "vit_nano", "--img-size", "16", "--patch-size", "4",
-                 "--batch-size", "8", "--decoder-dim", "32", "--decoder-depth", "1", "--device", "cpu",
-                 "--no-compile", "--knn-samples", "50", "--max-steps", "2", "--blr", "0.03"]
-
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
@@ -22,33 +18,10 @@ def ckpts(tmp_path_factory):
     out = {}
     for method in ("dsmae", "mae"):
         d = tmp_path_factory.mktemp(method)
-        pretrain.main(pretrain.get_args(TINY_PRETRAIN + ["--method", method, "--output-dir", str(d)]))
+        pretrain.main(pretrain.get_args(TINY_PRETRAIN + ["--knn-samples", "50", "--max-steps", "2", "--method", method,
+                                                         "--output-dir", str(d)]))
         out[method] = str(d / "ckpt.pt")
     return out
-
-
-def separable_npz(path, n_per_class=40, size=16, seed=0):
-    """Four classes that differ in colour: any working classifier gets them all right."""
-    rng = np.random.default_rng(seed)
-    colours = np.array([[220, 30, 30], [30, 220, 30], [30, 30, 220], [220, 220, 30]], dtype=np.int16)
-    y = np.repeat(np.arange(4), n_per_class)
-    x = colours[y][:, None, None, :] + rng.integers(-25, 26, (len(y), size, size, 3))
-    np.savez(path, x=x.clip(0, 255).astype(np.uint8), y=y, class_names=np.array(["r", "g", "b", "y"]))
-    return str(path)
-
-
-def test_layer_decay_multipliers():
-    model = ViT(img_size=16, patch_size=4, num_classes=3, **MODELS["vit_nano"])       # depth 2
-    scale = {id(p): (g["lr_scale"], g["weight_decay"]) for g in finetune.param_groups_lrd(model, 0.05, 0.5)
-             for p in g["params"]}
-    want = {"cls_token": (0.125, 0.0), "patch_embed.proj.weight": (0.125, 0.05), "patch_embed.proj.bias": (0.125, 0.0),
-            "blocks.0.attn.qkv.weight": (0.25, 0.05), "blocks.0.norm1.weight": (0.25, 0.0),
-            "blocks.1.mlp.fc2.weight": (0.5, 0.05), "blocks.1.mlp.fc2.bias": (0.5, 0.0),
-            "norm.weight": (1.0, 0.0), "head.weight": (1.0, 0.05), "head.bias": (1.0, 0.0)}
-    named = dict(model.named_parameters())
-    for name, expected in want.items():
-        assert scale[id(named[name])] == expected, name
-    assert len(scale) == len(named)                                # every parameter in exactly one group
 
 
 def test_load_student_and_teacher_strictly(ckpts):
@@ -178,7 +151,7 @@ def test_cached_features_equal_fresh_ones(tmp_path, ckpts):
     assert len(cache) == 1
     cached = torch.load(tmp_path / cache[0], weights_only=True)
     import data
-    train = data.build_dataset("npz", "train", path)
+    train = data.build_dataset("npz", "train", data_dir=path)
     enc = load_encoder(ckpts["dsmae"], "teacher")
     fresh = extract_features(enc, train.x, lambda x: data.preprocess(x, 16, train.mean, train.std))
     assert torch.equal(cached["train"][0], fresh[0]) and torch.equal(cached["train"][1], fresh[1])

@@ -222,3 +222,100 @@ def test_bf16_autocast_computes_the_fp32_loss(method):
         bf16, parts16 = m(x)
     assert torch.equal(parts32["idx"], parts16["idx"])
     assert bf16.item() == pytest.approx(fp32.item(), rel=1e-2)     # bf16 keeps ~3 significant digits
+
+
+# ----------------------------------------------------------------------------- the ViT copies out alone
+
+def test_the_vit_section_runs_alone(tmp_path):
+    """models.py up to the end of MODELS, pasted into a fresh module, builds and runs a ViT."""
+    src = open(models.__file__).read()
+    end = src.index("\n}\n", src.index("MODELS = {")) + 3
+    (tmp_path / "vit_alone.py").write_text(src[:end])
+    ns = {}
+    exec(compile(src[:end], str(tmp_path / "vit_alone.py"), "exec"), ns)
+    assert "DSMAE" not in ns and "data" not in ns
+    enc = ns["ViT"](img_size=16, patch_size=4, num_classes=5, **ns["MODELS"]["vit_nano"])
+    assert enc(torch.randn(2, 3, 16, 16)).shape == (2, 5)
+
+
+def test_wrong_image_size_is_named():
+    with pytest.raises(ValueError, match=r"takes \(3, 16, 16\) images, got \(3, 32, 32\)"):
+        vit()(torch.randn(1, 3, 32, 32))
+
+
+# ----------------------------------------------------------------------------- the no-weight-decay rule, once
+
+def test_layer_decay_multipliers():
+    model = ViT(img_size=16, patch_size=4, num_classes=3, **models.MODELS["vit_nano"])       # depth 2
+    scale = {id(p): (g["lr_scale"], g["weight_decay"]) for g in models.param_groups(model, 0.05, 0.5)
+             for p in g["params"]}
+    want = {"cls_token": (0.125, 0.0), "patch_embed.proj.weight": (0.125, 0.05), "patch_embed.proj.bias": (0.125, 0.0),
+            "blocks.0.attn.qkv.weight": (0.25, 0.05), "blocks.0.norm1.weight": (0.25, 0.0),
+            "blocks.1.mlp.fc2.weight": (0.5, 0.05), "blocks.1.mlp.fc2.bias": (0.5, 0.0),
+            "norm.weight": (1.0, 0.0), "head.weight": (1.0, 0.05), "head.bias": (1.0, 0.0)}
+    named = dict(model.named_parameters())
+    for name, expected in want.items():
+        assert scale[id(named[name])] == expected, name
+    assert len(scale) == len(named)                                # every parameter in exactly one group
+
+
+@pytest.mark.parametrize("method", ["dsmae", "mae"])
+def test_no_decay_on_tokens_norms_and_biases(method):
+    m = (DSMAE if method == "dsmae" else MAE)(vit(), decoder_dim=32, decoder_depth=1)
+    decay = {id(p): g["weight_decay"] for g in models.param_groups(m, 0.05) for p in g["params"]}
+    trained = {n: p for n, p in m.named_parameters() if p.requires_grad}
+    assert len(decay) == len(trained)                              # the teacher (no grad) is left out
+    for name, p in trained.items():
+        hand = 0.0 if p.ndim <= 1 or name.endswith(("cls_token", "mask_token")) else 0.05
+        assert decay[id(p)] == hand, name
+    assert any(n.endswith("mask_token") for n in trained) == (method == "mae")
+
+
+# ----------------------------------------------------------------------------- DS-MAE's measured choices
+
+def test_teacher_targets_by_hand():
+    torch.manual_seed(1)
+    B, N, D = 3, 5, 8
+    z, h1, h2 = torch.randn(B, N, D), torch.randn(B, N, D) * 3 + 1, torch.randn(B, N, D) * 2 - 1
+    assert torch.equal(models.teacher_target(z, [h2], "final"), z)
+    mu = sum(z[b, n] for b in range(B) for n in range(N)) / (B * N)              # one vector over batch and positions
+    assert torch.allclose(models.teacher_target(z, [h2], "center"), z - mu, atol=1e-6)
+    ln = torch.stack([torch.stack([(h2[b, n] - h2[b, n].mean()) / (h2[b, n].var(unbiased=False) + 1e-6).sqrt()
+                                   for n in range(N)]) for b in range(B)])
+    assert torch.allclose(models.teacher_target(z, [h2], "ln"), ln, atol=1e-5)
+
+    def inorm(h):                     # every channel over the tokens of its own image
+        m, v = h.mean(dim=1, keepdim=True), h.var(dim=1, unbiased=False, keepdim=True)
+        return (h - m) / (v + 1e-6).sqrt()
+    assert torch.allclose(models.teacher_target(z, [h1, h2], "avg"), (inorm(h1) + inorm(h2)) / 2, atol=1e-5)
+    with pytest.raises(ValueError):
+        models.teacher_target(z, [h2], "median")
+
+
+def test_dsmae_regresses_the_chosen_teacher_target():
+    """The regressor's target is teacher_target of the teacher's tokens at the noised patches."""
+    m = DSMAE(vit(), decoder_dim=32, decoder_depth=1, lam=0.0, target="avg", target_blocks=2, per_token_cos=True)
+    x = torch.randn(4, 3, 16, 16)
+    torch.manual_seed(3)
+    loss, parts = m(x)
+    t = m.teacher.module
+    tokens = t.with_cls(t.embed(x))
+    h1 = t.blocks[0](tokens)
+    h2 = t.blocks[1](h1)
+    target = models.teacher_target(None, [h1[:, 1:], h2[:, 1:]], "avg")
+    torch.manual_seed(3)
+    idx, _ = models.random_subset(4, 16, m.num_noised, x.device)
+    noisy = m.add_noise(x, idx)
+    pred = m.regressor(models.gather_tokens(m.encoder.forward_features(noisy)[:, 1:], idx))
+    hand = 1 - F.cosine_similarity(pred, models.gather_tokens(target, idx), dim=-1).mean()
+    assert torch.allclose(loss, hand, atol=1e-5)
+
+
+def test_momentum_scaled_to_the_batch_by_hand():
+    # the same lag in images: one step at batch 2048 with m equals 16 steps at batch 128 with m ** (1/16)
+    for step in (0, 37, 100):
+        m = ema_momentum(step, 100, 0.96, 0.99)
+        assert ema_momentum(step, 100, 0.96, 0.99, 128, 2048) == pytest.approx(m ** (128 / 2048), abs=1e-12)
+        assert ema_momentum(step, 100, 0.96, 0.99, 128, 2048) ** 16 == pytest.approx(m, abs=1e-12)
+    assert ema_momentum(100, 100, 0.96, 0.99, 128, 2048) == pytest.approx(0.999372, abs=1e-6)
+    assert ema_momentum(5, 100, batch=128, ref_batch=0) == ema_momentum(5, 100)   # 0: as given

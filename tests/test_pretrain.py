@@ -8,12 +8,11 @@ import pytest
 import torch
 
 import pretrain
+from conftest import TINY_PRETRAIN
 from models import MODELS, ViT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--dataset", "synthetic", "--model", "vit_nano", "--img-size", "16", "--patch-size", "4",
-        "--batch-size", "8", "--decoder-dim", "32", "--decoder-depth", "1", "--device", "cpu",
-        "--no-compile", "--knn-samples", "100", "--epochs", "2", "--warmup-epochs", "0.01", "--blr", "0.03"]
+TINY = TINY_PRETRAIN
 # no randomness left: full-image crops, noise of std 0 on every patch; the run still goes through
 # every branch (student, teacher, decoder, regressor, EMA), so only arithmetic can differ, and
 # fp32 keeps that difference at rounding level
@@ -66,6 +65,37 @@ def test_resume_after_interruption_is_exact(tmp_path):
     assert torch.equal(a["opt"]["state"][0]["exp_avg_sq"], b["opt"]["state"][0]["exp_avg_sq"])
 
 
+def test_sigkill_at_a_random_step_then_rerun_is_bit_identical(tmp_path):
+    """A real kill -9 of a running pretrain.py at a random step (it checkpoints every step here,
+    --save-every 0, so the kill may land in the middle of a write), then the same command again:
+    the final weights equal an uninterrupted run's, bit for bit."""
+    import random
+    import signal
+    args = TINY + ["--max-steps", "40", "--knn-samples", "20", "--save-every", "0"]
+    cmd = lambda out: [sys.executable, os.path.join(ROOT, "pretrain.py"), *args, "--output-dir", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(cmd(tmp_path / "ref"), check=True, env=env, cwd=ROOT, capture_output=True, timeout=300)
+    kill_at = random.Random().randint(3, 35)
+    proc = subprocess.Popen(cmd(tmp_path / "b"), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpt, seen = tmp_path / "b" / "ckpt.pt", 0
+    while proc.poll() is None and seen < kill_at:
+        try:
+            seen = torch.load(ckpt, weights_only=True)["step"] if ckpt.exists() else 0
+        except Exception:                               # replaced while we read it: read again
+            pass
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = weights(tmp_path / "b")["step"]
+    assert proc.returncode == -signal.SIGKILL and kill_at <= killed_at < 40, (kill_at, killed_at)
+    subprocess.run(cmd(tmp_path / "b"), check=True, env=env, cwd=ROOT, capture_output=True, timeout=300)
+    a, b = weights(tmp_path / "ref"), weights(tmp_path / "b")
+    assert a["step"] == b["step"] == 40
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), (k, kill_at)
+    assert all(torch.equal(a["opt"]["state"][i]["exp_avg"], b["opt"]["state"][i]["exp_avg"]) for i in a["opt"]["state"])
+
+
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     run(tmp_path / "a", "--max-steps", "3", *DETERMINISTIC)
     run(tmp_path / "b", "--max-steps", "3", "--batch-size", "4", "--accum-iter", "2", *DETERMINISTIC)
@@ -97,6 +127,32 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     assert (a["encoder"]["blocks.0.mlp.fc1.weight"] - init["blocks.0.mlp.fc1.weight"]).abs().max() > 1e-4
 
 
+def test_two_nodes_equal_one_process(tmp_path):
+    """torchrun --nnodes 2 on one host (two "machines", one process each, c10d rendezvous): each node
+    builds its own copy of the data, and the weights equal a single process's at the same global batch."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = TINY + DETERMINISTIC + ["--max-steps", "3", "--knn-samples", "20", "--output-dir"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               "--node-rank", str(r), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                               "--rdzv-id", "test", os.path.join(ROOT, "pretrain.py"), *args, str(tmp_path / f"n{r}")],
+                              env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in (0, 1)]
+    outs = [n.communicate(timeout=300)[0].decode() for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), outs[0][-2000:] + outs[1][-2000:]
+    pretrain.main(pretrain.get_args(args + [str(tmp_path / "one")]))
+    a, b = weights(tmp_path / "n0"), weights(tmp_path / "one")
+    assert a["step"] == b["step"] == 3 and not (tmp_path / "n1" / "ckpt.pt").exists()   # rank 0 writes
+    for k in a["model"]:
+        x, y = a["model"][k], b["model"][k]
+        if k.endswith("qkv.bias"):                      # see test_two_process_ddp_equals_one_process
+            D = x.shape[0] // 3
+            x, y = torch.cat([x[:D], x[2 * D:]]), torch.cat([y[:D], y[2 * D:]])
+        assert torch.allclose(x, y, atol=2e-5), k
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     run(tmp_path, "--max-steps", "2")
     before = open(tmp_path / "ckpt.pt", "rb").read()
@@ -106,7 +162,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--img-size", "18"], "not divisible by --patch-size"),
     (["--dataset", "cifar10", "--data-dir", "/nonexistent"], "--download"),
     (["--batch-size", "100000"], "fewer than one step"),
 ])

@@ -34,7 +34,7 @@ def test_monochrome2_12bit_rescale_window(tmp_path, stored12):
     want = linear_window(stored12 * 2.0 - 1024, 1500, 3000)
     assert np.allclose(data.read_dicom(str(tmp_path / "a.dcm")), want, atol=1e-6)
     # through the whole loader (no resize at 16 px): uint8 of the same values, pixel for pixel
-    ds = data.build_dataset("dicom", "train", str(tmp_path), 16, split_fractions=(1, 0, 0))
+    ds = data.build_dataset("dicom", "train", data_dir=str(tmp_path), img_size=16, split_fractions=(1, 0, 0))
     assert torch.equal(ds.x[0, 0], torch.from_numpy(np.rint(want * 255).astype(np.uint8)))
 
 
@@ -129,7 +129,7 @@ def make_study(root, n=12, size=16, masks=True, labels=("a", "b", "c")):
 def xray(root, split="train", **kw):
     opts = dict(labels=str(root / "labels.csv"), masks=str(root / "masks"), cache_dir=str(root / "cache"))
     opts.update(kw)
-    return data.build_dataset("dicom", split, str(root / "dcm"), kw.pop("img_size", 16), **opts)
+    return data.build_dataset("dicom", split, data_dir=str(root / "dcm"), img_size=kw.pop("img_size", 16), **opts)
 
 
 def test_labels_split_and_classes(tmp_path):
@@ -164,7 +164,7 @@ def test_label_csv_errors(tmp_path):
     with pytest.raises(ValueError, match="no column 'finding'"):
         xray(root, label_column="finding")
     with pytest.raises(FileNotFoundError, match="not a directory"):
-        data.build_dataset("dicom", "train", str(tmp_path / "nowhere"), 16)
+        data.build_dataset("dicom", "train", data_dir=str(tmp_path / "nowhere"), img_size=16)
 
 
 def test_variants_and_stats(tmp_path):
@@ -218,8 +218,10 @@ def _decode_in_rank(rank, world, root, store, out):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     calls, real = [], data.read_radiograph
     data.read_radiograph = lambda *a: (calls.append(1), real(*a))[1]
-    d = data.decode_xrays(root, 16, cache_dir=os.path.join(root, "cache"))
-    np.save(os.path.join(out, f"rank{rank}.npy"), np.array([len(calls), int(d["x"].astype(np.int64).sum())]))
+    args = data.add_data_args(argparse.ArgumentParser()).parse_args(["--split-fractions", "1,0,0"])
+    args.dataset, args.data_dir, args.seed, args.num_workers = "dicom", root, 0, 1
+    ds = data.load_split(args, "train", 16)
+    np.save(os.path.join(out, f"rank{rank}.npy"), np.array([len(calls), int(ds.x.long().sum())]))
     dist.destroy_process_group()
 
 
@@ -228,7 +230,7 @@ def test_ddp_ranks_share_one_decode(tmp_path):
     torch.multiprocessing.spawn(_decode_in_rank, args=(2, str(root / "dcm"), str(tmp_path / "store"), str(tmp_path)),
                                 nprocs=2)
     (n0, sum0), (n1, sum1) = np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy")
-    assert n0 == 6 and n1 == 0 and sum0 == sum1           # rank 1 read rank 0's cache
+    assert n0 == 6 and n1 == 0 and sum0 == sum1           # rank 1 mapped rank 0's decoded copy
 
 
 def test_corrupt_file_named_and_skipped(tmp_path):
@@ -247,7 +249,7 @@ def test_flags_reach_the_loader(tmp_path):
     p = data.add_data_args(argparse.ArgumentParser())
     args = p.parse_args(["--labels", str(root / "labels.csv"), "--masks", str(root / "masks"), "--variant",
                          "seg-black", "--classes", "a,b", "--cache-dir", str(root / "cache"), "--no-keep-aspect"])
-    ds = data.build_dataset("dicom", "train", str(root / "dcm"), 16, **data.data_options(args))
+    ds = data.build_dataset("dicom", "train", data_dir=str(root / "dcm"), img_size=16, **data.data_options(args))
     assert ds.classes == ["a", "b"] and (ds.x[ds.masks == 0] == 0).all()
 
 

@@ -1,0 +1,26 @@
+"""Helpers several test files share: tiny command lines and a dataset any classifier learns."""
+import os
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)                       # the scripts and models.py / data.py, from any working folder
+
+# the smallest pretrain.py run that goes through every branch: 2 blocks of width 32, 16 px, 4x4 patches
+TINY_PRETRAIN = ["--dataset", "synthetic", "--model", "vit_nano", "--img-size", "16", "--patch-size", "4",
+                 "--batch-size", "8", "--decoder-dim", "32", "--decoder-depth", "1", "--device", "cpu",
+                 "--no-compile", "--knn-samples", "100", "--epochs", "2", "--warmup-epochs", "0.01", "--blr", "0.03"]
+
+
+def separable_npz(path, n_per_class=40, size=16, seed=0, channels=3, noise=25):
+    """Four classes that differ in colour (grey level with one channel), written as this project's
+    npz (x (N, H, W, C) uint8, y, class_names): any working classifier gets them all right."""
+    rng = np.random.default_rng(seed)
+    colours = np.array([[220, 30, 30], [30, 220, 30], [30, 30, 220], [220, 220, 30]], dtype=np.int16)
+    if channels == 1:
+        colours = np.array([[20], [90], [160], [235]], dtype=np.int16)
+    y = np.repeat(np.arange(4), n_per_class)
+    x = colours[y][:, None, None, :] + rng.integers(-noise, noise + 1, (len(y), size, size, channels))
+    np.savez(path, x=x.clip(0, 255).astype(np.uint8), y=y, class_names=np.array(["r", "g", "b", "y"]))
+    return str(path)
