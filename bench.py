@@ -70,6 +70,18 @@ def get_args(argv=None):
                    "and MAE at the batch that puts DS-MAE's number of tokens through its encoder")
     p.add_argument("--out", default=None, help="write the results here as JSON (and a .md table beside it)")
     p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--data-memory", default=None, metavar="N,N,...", help="host memory the training data takes "
+                   "per rank under torchrun with N CPU processes each, one copy per machine (data.load_split) "
+                   "against a private copy per rank (data.build_dataset in every rank, as before); with --dataset "
+                   "and --data-dir")
+    p.add_argument("--dataset", default="npz", choices=data.DATASETS)
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--split", default="train")
+    p.add_argument("--img-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--data-memory-child", default=None, choices=["shared", "private"], help=argparse.SUPPRESS)
+    data.add_data_args(p)
     return p.parse_args(argv)
 
 
@@ -322,6 +334,63 @@ def measure_memory(args, cfg, names):
     return out
 
 
+# ----------------------------------------------------------------------------- data memory under torchrun
+
+def memory_of_this_process():
+    """MiB: peak resident set (VmHWM), and now: resident set and its proportional share (Pss: a page
+    mapped by k processes counts 1/k in each, so the Pss of all ranks sums to the machine's use)."""
+    pss = next(int(line.split()[1]) for line in open("/proc/self/smaps_rollup") if line.startswith("Pss:")) / 1024
+    return dict(peak_rss=rss_mib("VmHWM"), rss=rss_mib(), pss=pss)
+
+
+def data_memory_child(args):
+    """(a torchrun rank) Load the split as pretrain.py does (shared) or a private copy per rank, read
+    every byte, and report this rank's memory to rank 0, which prints all of them as JSON."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo")
+    base = memory_of_this_process()
+    if args.data_memory_child == "shared":
+        ds = data.load_split(args, args.split, args.img_size)
+    else:
+        ds = data.build_dataset(args.dataset, args.split, data_dir=args.data_dir, img_size=args.img_size,
+                                seed=args.seed, num_workers=1, **data.data_options(args))
+    checksum = sum(int(ds.x[i:i + 1024].sum(dtype=torch.int64)) for i in range(0, len(ds), 1024))  # reads every byte
+    mem = {k: round(v - base[k], 1) for k, v in memory_of_this_process().items()}
+    rows = [None] * dist.get_world_size()
+    dist.all_gather_object(rows, dict(mem, checksum=checksum, data_mib=round(ds.x.numel() / 2 ** 20, 1)))
+    if dist.get_rank() == 0:
+        print(json.dumps(rows))
+    dist.destroy_process_group()
+
+
+def measure_data_memory(args):
+    """Per rank, above what the process held before loading: peak RSS, RSS and PSS in MiB; and
+    the machine's total (sum of PSS). One torchrun per (mode, N)."""
+    results = []
+    for n in [int(v) for v in args.data_memory.split(",")]:
+        for mode in ("private", "shared"):
+            i = sys.argv.index("--data-memory")                # the same flags, less --data-memory N,...
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
+                   os.path.abspath(__file__), "--data-memory-child", mode, *sys.argv[1:i], *sys.argv[i + 2:]]
+            res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+            lines = [l for l in res.stdout.splitlines() if l.startswith("[")]
+            if res.returncode or not lines:
+                raise SystemExit(f"error: the {n}-process {mode} run failed:\n{res.stderr[-2000:]}")
+            rows = json.loads(lines[-1])
+            assert len({r["checksum"] for r in rows}) == 1, "ranks saw different data"
+            results.append(dict(processes=n, mode=mode, data_mib=rows[0]["data_mib"], peak_rss_rank0=rows[0]["peak_rss"],
+                                peak_rss_others=max([r["peak_rss"] for r in rows[1:]], default=None),
+                                rss_now=max(r["rss"] for r in rows), pss_per_rank=round(max(r["pss"] for r in rows), 1),
+                                machine_total=round(sum(r["pss"] for r in rows), 1)))
+            print(json.dumps(results[-1]))
+    print("| processes | copy | data MiB | peak RSS rank 0 | peak RSS other ranks | RSS after | PSS per rank | "
+          "machine total (sum of PSS) |\n" + "| --- " * 8 + "|")
+    for r in results:
+        print(f"| {r['processes']} | {r['mode']} | {r['data_mib']} | {r['peak_rss_rank0']} | {r['peak_rss_others'] or '-'} "
+              f"| {r['rss_now']} | {r['pss_per_rank']} | {r['machine_total']} |")
+    return results
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(args):
@@ -332,6 +401,10 @@ def main(args):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True      # as pretrain.py
     if args.memory_child:
         return memory_child(args, cfg, device)
+    if args.data_memory_child:
+        return data_memory_child(args)
+    if args.data_memory:
+        return measure_data_memory(args)
     runners = make_runners(args, cfg, device)
     ceilings = {p: matmul_ceiling(device, torch.bfloat16 if p == "bf16" else torch.float32)
                 for p in sorted({r["precision"] for r in runners.values()})}

@@ -149,7 +149,7 @@ def augment(x, size, mean, std, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), flip=Tru
 
 # ----------------------------------------------------------------------------- statistics, splits, DDP
 
-def channel_stats(x, source="the images", chunk=4096):
+def channel_stats(x, source="the images", chunk=1024):
     """Per-channel mean and std in [0, 1] of a uint8 (N, C, H, W) tensor, in float64. A channel
     without variation cannot be normalised (and holds nothing to learn): ValueError naming source."""
     if len(x) == 0:
@@ -201,7 +201,7 @@ def _meet(group, err):
     dist.all_gather_object(errs, None if err is None else (type(err).__name__, str(err)), group=group)
     first = next((e for e in errs if e), None)
     if first:
-        raise {"FileNotFoundError": FileNotFoundError, "MemoryError": MemoryError}.get(first[0], ValueError)(first[1])
+        raise (FileNotFoundError if first[0] == "FileNotFoundError" else ValueError)(first[1])
 
 
 def _shared_prefix(key):
@@ -413,18 +413,20 @@ def load_npz(path, split):
     if y is not None and y.shape != (len(x),):
         raise ValueError(f"{path}: y{key} has shape {tuple(y.shape)} but x{key} holds {len(x)} images; one label per "
                          f"image expected")
-    x = torch.from_numpy(x if x.ndim == 4 else x[..., None]).permute(0, 3, 1, 2).contiguous()
+    # (N, C, H, W) views of the file's (N, H, W, C) array: one copy at the end, of the chosen images only
+    nchw = lambda a: torch.from_numpy(a if a.ndim == 4 else a[..., None]).permute(0, 3, 1, 2)
+    x = nchw(x)
     classes = [str(c) for c in d["class_names"]] if "class_names" in d else \
         [str(c) for c in range(int(y.max()) + 1)] if y is not None else []
     if "x_test" not in d:
         # no test split in the file: hold out the last 10% of each class, statistics from the rest
         train = holdout_split(y, len(x), "train")
-        mean, std = channel_stats(x[train], path)
+        mean, std = channel_stats(x.index_select(0, train), path)
         keep = train if split == "train" else holdout_split(y, len(x), "test")
-        x, y = x[keep], (y[keep] if y is not None else None)
+        x, y = x.index_select(0, keep), (y[keep] if y is not None else None)
     else:
-        mean, std = channel_stats(torch.from_numpy(d["x"]).permute(0, 3, 1, 2) if d["x"].ndim == 4
-                                  else torch.from_numpy(d["x"])[:, None], path)
+        mean, std = channel_stats(x if key == "" else nchw(d["x"]), path)
+        x = x.contiguous()
     return ImageSet(x, y, classes, mean, std)
 
 
@@ -451,7 +453,7 @@ def check_fits_in_memory(n, channels, size, what):
     except (OSError, StopIteration):
         return
     if need > 0.8 * avail:
-        raise MemoryError(f"{what}: {n} images at {size}x{size}x{channels} need {need / 2**30:.1f} GiB in memory "
+        raise ValueError(f"{what}: {n} images at {size}x{size}x{channels} need {need / 2**30:.1f} GiB in memory "
                           f"(uint8), {avail / 2**30:.1f} GiB is available: use a smaller --img-size, a subset of "
                           f"the images, or a machine with more memory")
 
@@ -506,6 +508,7 @@ def load_folder(root, split, img_size, num_workers=4, skip_bad=False):
     keep = train if split == "train" else holdout_split(y, len(x), "test")
     return ImageSet(x[keep], y[keep], classes, *channel_stats(x[train], root))
 
+
 # ----------------------------------------------------------------------------- chest X-rays
 
 VARIANTS = ("full", "seg-black", "seg-gray")
@@ -544,8 +547,9 @@ def add_data_args(p):
                    help="fit the longer side and pad with black, instead of stretching to a square")
     g.add_argument("--cache-dir", default=None, help="where the decoded uint8 cache goes (default: "
                    "<data-dir>/.xray_cache, or ~/.cache/dsmae when that is not writable)")
-    g.add_argument("--skip-bad", action="store_true", help="log unreadable files (and images without a label or "
-                   "mask) to bad_files.txt in the cache dir and go on, instead of stopping at the first")
+    g.add_argument("--skip-bad", action="store_true", help="dicom and folder: leave unreadable files (and images "
+                   "without a label or mask) out, counted (dicom: listed in bad_files.txt in the cache dir), instead "
+                   "of stopping at the first")
     return p
 
 

@@ -84,6 +84,8 @@ def get_args(argv=None):
     p.add_argument("--randaug-n", type=int, default=2, help="RandAugment: ops per image (0: off)")
     p.add_argument("--randaug-m", type=int, default=9, help="RandAugment: magnitude")
     p.add_argument("--crop-scale", type=float, default=0.08, help="smallest random resized crop (0.5 for X-rays)")
+    p.add_argument("--save-every", type=float, default=10, help="minutes between checkpoints within an epoch (and one "
+                   "at every epoch's end): a killed run loses at most this much")
     p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True,
                    help="random horizontal flips; --no-hflip where left and right differ (a task about sides)")
     data.add_data_args(p)
@@ -171,6 +173,13 @@ def make_augment(args, num_classes, img_size, mean, std):
     return augment
 
 
+def checkpoint_state(raw_model, opt, step, best, metrics, args, train):
+    """What a resume needs, and what models.load_classifier and cam.py read."""
+    return dict(model=raw_model.state_dict(), opt=opt.state_dict(), step=step, best=best, metrics=metrics,
+                args=vars(args), encoder_config=raw_model.config(), num_classes=len(train.classes), pool=args.pool,
+                data=dict(dataset=args.dataset, mean=list(train.mean), std=list(train.std), classes=list(train.classes)))
+
+
 def end_of_epoch(raw_model, opt, step, epoch, train_loss, lr_now, t0, best, sets, args, out_dir, amp):
     """Rank 0: evaluate on test (and val), log, save ckpt.pt and, when the chosen split's top-1
     improved, best.pt. Returns (stats, best)."""
@@ -188,10 +197,7 @@ def end_of_epoch(raw_model, opt, step, epoch, train_loss, lr_now, t0, best, sets
     if chosen["top1"] > best["top1"]:
         best = dict(top1=chosen["top1"], mean_per_class=chosen["mean_per_class"], epoch=epoch + 1,
                     split="val" if val is not None else "test", test_top1=metrics["top1"])
-    state = dict(model=raw_model.state_dict(), opt=opt.state_dict(), step=step, epoch=epoch + 1, best=best,
-                 metrics=metrics, args=vars(args), encoder_config=raw_model.config(), num_classes=len(train.classes),
-                 pool=args.pool, data=dict(dataset=args.dataset, mean=list(train.mean), std=list(train.std),
-                                           classes=list(train.classes)))
+    state = checkpoint_state(raw_model, opt, step, best, metrics, args, train)
     if best["epoch"] == epoch + 1:
         save_checkpoint(state, os.path.join(out_dir, "best.pt"))
     save_checkpoint(state, os.path.join(out_dir, "ckpt.pt"))
@@ -255,7 +261,7 @@ def main(args):
     # ---- loop
     max_steps = min(args.max_steps or total_steps, total_steps)
     start_epoch, first = divmod(step, steps_per_epoch)
-    stats = {}
+    stats, t_saved = {}, time.time()
     for epoch in range(start_epoch, args.epochs):
         if step >= max_steps:
             break
@@ -282,6 +288,10 @@ def main(args):
             n_sum += 1
             step += 1
             bar.update(1)
+            if master and step % steps_per_epoch and time.time() - t_saved >= 60 * args.save_every:
+                save_checkpoint(checkpoint_state(raw_model, opt, step, best, stats, args, train),
+                                os.path.join(out_dir, "ckpt.pt"))   # within the epoch: a kill loses minutes
+                t_saved = time.time()
             if step >= max_steps:
                 break
         bar.close()
@@ -297,6 +307,7 @@ def main(args):
         if master:
             stats, best = end_of_epoch(raw_model, opt, step, epoch, train_loss, lr_now, t0, best, (train, test, val),
                                        args, out_dir, amp)
+            t_saved = time.time()
 
     if ddp:
         dist.barrier()

@@ -260,15 +260,20 @@ def save_picture(raw_model, args, epoch, vis_set, train_set, device, out_dir):
 
 
 def load_data(args):
-    """The split to pretrain on, and the labelled train/test pair the k-NN monitor reads (None
-    when the dataset has no labels): STL-10's train+unlabeled is monitored on train and test."""
+    """The split to pretrain on, the labelled train/test pair the k-NN monitor reads (None when
+    the dataset has no labels: STL-10's train+unlabeled is monitored on train and test), steps per epoch."""
     try:
         train_set = data.load_split(args, args.split, args.img_size, args.download)
         knn_train = train_set if args.split == "train" else data.load_split(args, "train", args.img_size)
         knn_test = data.load_split(args, "test", args.img_size)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    return train_set, (knn_train, knn_test) if knn_train.y is not None and knn_test.y is not None else None
+    steps_per_epoch = len(train_set) // args.batch_size // args.accum_iter
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: {len(train_set)} training images are fewer than one step "
+                         f"(--batch-size {args.batch_size} x --accum-iter {args.accum_iter})")
+    knn_sets = (knn_train, knn_test) if knn_train.y is not None and knn_test.y is not None else None
+    return train_set, knn_sets, steps_per_epoch
 
 
 def main(args):
@@ -280,12 +285,8 @@ def main(args):
     out_dir = args.output_dir or os.path.join("runs", f"{args.method}_{args.dataset}_{args.model}")
 
     # ---- data: uint8 images, on the GPU when there is one (augmentation runs there too)
-    train_set, knn_sets = load_data(args)
+    train_set, knn_sets, steps_per_epoch = load_data(args)
     images = train_set.x.to(device) if cuda else train_set.x
-    steps_per_epoch = len(train_set) // args.batch_size // args.accum_iter
-    if steps_per_epoch == 0:
-        raise SystemExit(f"{len(train_set)} training images are fewer than one step "
-                         f"(--batch-size {args.batch_size} x --accum-iter {args.accum_iter})")
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = int(args.warmup_epochs * steps_per_epoch)
 
@@ -398,8 +399,8 @@ def main(args):
             if final or (args.vis_every and (epoch + 1) % args.vis_every == 0):
                 save_picture(raw_model, args, epoch, knn_sets[1] if knn_sets else train_set, train_set, device, out_dir)
             say(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
+            save()                                     # before the log line: a failed save logs nothing
             append_log(out_dir, stats)
-            save()
             saved_step, t_saved = step, time.time()
 
     if ddp:

@@ -60,6 +60,7 @@ CASES = [
     ("finetune", "--dataset npz --data-dir {dir}/const.npz", "const.npz: channel 0 is constant"),
     ("pretrain", "--dataset folder --data-dir {dir}/folder --img-size 16 --patch-size 4", "broken.png"),
     ("pretrain", "--dataset folder --data-dir {dir}/folder --img-size 16 --patch-size 4", "--skip-bad"),
+    ("pretrain", "--dataset folder --data-dir {dir}/folder --img-size 60000 --patch-size 16", "GiB in memory (uint8)"),
     ("linprobe", "--dataset npz --data-dir {dir}/nolabels.npz", "no labels"),
     ("finetune", "--dataset npz --data-dir {dir}/nolabels.npz", "no labels"),
     ("pretrain", "--dataset dicom --data-dir {dir}/dcm --masks {dir}/masks --img-size 16 --patch-size 4",

@@ -1,0 +1,484 @@
+"""Lung fields for radiographs that have no masks (the thesis' segmentator, Fig. 3.1 and section
+3.2.1): train a small U-Net on image + mask pairs, then predict a mask for every image of a folder,
+post-processed as the thesis did (the two largest components, holes filled), doubtful ones flagged.
+
+    python segment.py train --data-dir ../shared/data/cxr/openist_normal/images \\
+        --masks ../shared/data/cxr/openist_normal/masks                  # 256 px, ~13 min on 2 CPU cores
+    python segment.py train --data-dir DIR --masks MASKS --img-size 64 --width 8 --epochs 2   # a tiny CPU run
+    python segment.py predict --checkpoint runs/segment/best.pt --data-dir /data/cxr --output-dir /data/cxr_masks
+    python pretrain.py --dataset dicom --data-dir /data/cxr --masks /data/cxr_masks --variant seg-black ...
+
+train reads --data-dir (DICOMs or PNG/JPEG exports, searched recursively) with one <id>.png mask
+per image in --masks, through data.py like every script (the same X-ray flags and cache), holds
+out --val-count radiographs (identical images, found by hashing their pixels, on one side), and
+writes to --output-dir: ckpt.pt (the latest state; rerunning the command resumes from it), best.pt
+(the best val Dice), args.json and log.jsonl (loss, lr, val Dice and IoU: mean and 10th percentile).
+
+predict writes to --output-dir one <id>.png per image (0 or 255, at the image's own size, exactly
+what --masks reads), masks.csv (id, lung fraction, confidence, components kept, flag) and
+overlay.png (the flagged images first); a flagged mask is written too, and listed: you decide.
+"""
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+from models import (UNet, bf16_is_fast, dice_iou, fill_holes, keep_largest_components, label_components,
+                    param_groups, read_checkpoint, resolve_device, save_checkpoint, seg_loss)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    modes = p.add_subparsers(dest="mode", required=True, metavar="{train,predict}", help="segment.py MODE --help "
+                             "lists the mode's flags")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", required=True, help="folder of .dcm (or .png/.jpg) radiographs, recursive")
+    common.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    common.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="bf16 autocast; "
+                        "auto: where it is fast (CUDA, CPUs with AVX512-BF16: this U-Net 1.4x faster than fp32)")
+    common.add_argument("--batch-size", type=int, default=16)
+    common.add_argument("--num-workers", type=int, default=4, help="threads decoding images")
+    t = modes.add_parser("train", parents=[common], formatter_class=HelpFormatter, help="fit a U-Net to image + "
+                         "mask pairs", description="Train the U-Net; see segment.py --help.")
+    t.add_argument("--output-dir", default="runs/segment")
+    t.add_argument("--resume", default="", help="checkpoint to resume from (default: <output-dir>/ckpt.pt if present)")
+    t.add_argument("--img-size", type=int, default=256, help="square side the images are fitted to (black padding)")
+    t.add_argument("--width", type=int, default=16, help="U-Net channels at full resolution, doubled per level")
+    t.add_argument("--depth", type=int, default=4, help="U-Net levels below full resolution (2x2 max-pools)")
+    t.add_argument("--epochs", type=int, default=32, help="32 at 256 px: about 13 minutes on 2 CPU cores")
+    t.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit); the "
+                   "schedule still spans --epochs, so a stopped run resumes exactly")
+    t.add_argument("--lr", type=float, default=3e-3, help="AdamW peak lr, after a linear warm-up")
+    t.add_argument("--min-lr", type=float, default=1e-5, help="end of the cosine decay")
+    t.add_argument("--warmup-epochs", type=float, default=1.0)
+    t.add_argument("--weight-decay", type=float, default=1e-4)
+    t.add_argument("--bce-weight", type=float, default=1.0, help="loss = soft Dice + bce_weight * BCE")
+    t.add_argument("--val-count", type=int, default=None, help="radiographs held out for validation "
+                   "(default: 20%%; 55 of OpenIST's 275)")
+    t.add_argument("--seed", type=int, default=0, help="the val split, the initial weights, the augmentation")
+    t.add_argument("--rotate", type=float, default=7.0, help="augmentation: rotations up to this many degrees")
+    t.add_argument("--scale", type=float, default=0.1, help="augmentation: zoom by 1 +- this")
+    t.add_argument("--translate", type=float, default=0.05, help="augmentation: shifts up to this fraction of the side")
+    t.add_argument("--brightness", type=float, default=0.1, help="augmentation: add up to +- this (pixels in [0, 1])")
+    t.add_argument("--contrast", type=float, default=0.2, help="augmentation: contrast times 1 +- this")
+    t.add_argument("--gamma", type=float, default=0.3, help="augmentation: pixels ** exp(+- this), exposure")
+    t.add_argument("--hflip", action="store_true", help="mirror half the images; off by default: the heart "
+                   "has a side, and so does every radiograph a hospital sends")
+    t.add_argument("--save-every", type=float, default=10, help="minutes between checkpoints within an epoch (and "
+                   "one at every epoch's end)")
+    data.add_data_args(t)
+    q = modes.add_parser("predict", parents=[common], formatter_class=HelpFormatter, help="write a mask for every "
+                         "image of a folder", description="Predict masks; see segment.py --help.")
+    q.add_argument("--checkpoint", required=True, help="best.pt or ckpt.pt of segment.py train")
+    q.add_argument("--output-dir", default=None, help="the masks folder (default: masks_<data-dir name> next to "
+                   "the checkpoint); give it to the other scripts as --masks")
+    q.add_argument("--img-size", type=int, default=None, help="default: the size the U-Net was trained at")
+    q.add_argument("--window-percentile", type=float, default=0.5, help="DICOMs without a window: from this "
+                   "percentile to 100 minus it (as data.py)")
+    q.add_argument("--skip-bad", action="store_true", help="list unreadable files and go on")
+    q.add_argument("--threshold", type=float, default=0.5, help="probability above which a pixel is lung")
+    q.add_argument("--components", type=int, default=2, help="largest connected components kept (the two lungs)")
+    q.add_argument("--min-area", type=float, default=0.08, help="flag masks below this fraction of the image "
+                   "(OpenIST's true masks: 0.15 to 0.46)")
+    q.add_argument("--max-area", type=float, default=0.6, help="flag masks above this fraction of the image")
+    q.add_argument("--min-ratio", type=float, default=0.35, help="flag when the smaller lung is under this "
+                   "fraction of the larger, or missing (OpenIST: 0.71 or more)")
+    q.add_argument("--min-confidence", type=float, default=0.85, help="flag when the mean probability inside "
+                   "the mask is lower")
+    q.add_argument("--grid", type=int, default=16, help="images in overlay.png (flagged ones first)")
+    args = p.parse_args(argv)
+    if args.mode == "train":
+        if not args.masks:
+            t.error("train needs --masks DIR: one <id>.png mask per image (nonzero = lung)")
+        if args.labels or args.classes or args.variant != "full" or args.channels != 1:
+            t.error("segment.py reads images and masks only: --labels, --classes, --variant and --channels do not apply")
+    return args
+
+
+def setup_cpu(device):
+    """On a CPU: keep freed memory in the process. glibc returns every block above 32 MB (a batch of
+    16 feature maps of 8 x 256 x 256 is 33 MB) to the kernel at free and takes fresh, page-faulting
+    pages at the next malloc; measured on the 2-core machine, a training step of this U-Net took
+    11.2 s that way and 2.1 s with these two settings (no mmap, no trimming of the heap)."""
+    if device.type != "cpu":
+        return
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)              # M_MMAP_MAX: big blocks from the heap, not a fresh mmap each time
+        libc.mallopt(-1, 2 ** 31 - 1)    # M_TRIM_THRESHOLD: and the heap is not shrunk after every step
+    except (OSError, AttributeError):    # not glibc (macOS, musl): nothing to tune
+        pass
+
+
+def autocast(args, device):
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_is_fast(device))
+    return (torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()), "bf16" if bf16 else "fp32"
+
+
+def cosine_lr(step, total, warmup, base, min_lr=0.0):
+    """Linear warm-up over `warmup` steps, then cosine decay to min_lr at `total`."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return min_lr + (base - min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def split_by_radiograph(x, val_count, seed):
+    """(train, val) index lists, seeded; images with identical pixels (one radiograph filed under two
+    ids: OpenIST has one such pair) go to the same side, so val never scores a memorised image."""
+    groups = {}
+    for i, img in enumerate(x.numpy()):
+        groups.setdefault(hashlib.sha1(img.tobytes()).digest(), []).append(i)
+    groups = list(groups.values())
+    val = []
+    for g in torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed)).tolist():
+        if len(val) >= val_count:
+            break
+        val += groups[g]
+    return sorted(set(range(len(x))) - set(val)), sorted(val), sum(len(g) - 1 for g in groups)
+
+
+def augment(x, m, args, mean, std):
+    """Radiograph augmentation of a uint8 batch and its masks (B, 1, S, S), on their device: one
+    random affine per image (rotation, zoom, shift, optional mirror) resampling image and mask
+    together in one grid_sample (the mask thresholded at 0.5), then gamma, contrast and brightness
+    on the image alone. Returns normalised float images and {0, 1} float masks."""
+    B, dev = x.shape[0], x.device
+    u = lambda r: (torch.rand(B, device=dev) * 2 - 1) * r                   # uniform in [-r, r]
+    a, s = u(args.rotate * math.pi / 180), 1 + u(args.scale)
+    flip = torch.where(torch.rand(B, device=dev) < 0.5, -1.0, 1.0) if args.hflip else torch.ones(B, device=dev)
+    theta = torch.stack([torch.stack([a.cos() / s * flip, -a.sin() / s, u(2 * args.translate)], 1),
+                         torch.stack([a.sin() / s * flip, a.cos() / s, u(2 * args.translate)], 1)], 1)
+    both = torch.cat([x.float() / 255, m.float()], 1)
+    grid = F.affine_grid(theta, both.shape, align_corners=False)
+    both = F.grid_sample(both, grid, mode="bilinear", padding_mode="zeros", align_corners=False)   # black, as padded
+    img, mask = both[:, :1], (both[:, 1:] > 0.5).float()
+    img = img.clamp(0, 1) ** u(args.gamma).exp().view(B, 1, 1, 1)
+    mu = img.mean((2, 3), keepdim=True)
+    img = ((img - mu) * (1 + u(args.contrast)).view(B, 1, 1, 1) + mu + u(args.brightness).view(B, 1, 1, 1)).clamp(0, 1)
+    return data.normalize(img, mean, std), mask
+
+
+def postprocess(prob, threshold=0.5, k=2):
+    """Probability map (H, W) -> bool mask: the k largest components (8-connected) above threshold,
+    their holes filled (the thesis' post-processed mask: no stray blobs)."""
+    return fill_holes(keep_largest_components(prob > threshold, k))
+
+
+@torch.no_grad()
+def evaluate(model, x, m, mean, std, device, amp, batch_size):
+    """Val Dice and IoU per radiograph at the training size, of the post-processed masks (what
+    predict writes) and of the bare thresholded output."""
+    model.eval()
+    post, raw = [], []
+    for i in range(0, len(x), batch_size):
+        with amp:
+            logits = model(data.normalize(x[i:i + batch_size].to(device), mean, std))
+        pred = (logits.float() > 0).cpu()
+        raw.append(dice_iou(pred, m[i:i + batch_size])[0])
+        pp = torch.stack([torch.from_numpy(postprocess(p[0].numpy(), 0.5)) for p in pred])
+        post.append(torch.stack(dice_iou(pp, m[i:i + batch_size, 0]), 1))
+    model.train()
+    post, raw = torch.cat(post).float(), torch.cat(raw).float()
+    q = post.quantile(0.1, dim=0)
+    return dict(dice=post[:, 0].mean().item(), dice_p10=q[0].item(), iou=post[:, 1].mean().item(),
+                iou_p10=q[1].item(), dice_raw=raw.mean().item())
+
+
+def resume(raw_model, opt, path, explicit):
+    """Load model and optimiser from a checkpoint: (step, best val Dice), (0, -1) when there is none."""
+    if not os.path.exists(path):
+        if explicit:
+            raise SystemExit(f"error: --resume {path}: no such file")
+        return 0, -1.0
+    try:
+        ckpt = read_checkpoint(path, "segment.py checkpoint")
+        raw_model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise SystemExit(f"error: {path} cannot be resumed ({str(e).splitlines()[0]}); delete it or choose another "
+                         f"--output-dir")
+    print(f"resumed from {path} at step {ckpt['step']}")
+    return ckpt["step"], ckpt.get("best", -1.0)
+
+
+def train(args):
+    # ---- setup
+    device = resolve_device(args.device)
+    setup_cpu(device)
+    amp, precision = autocast(args, device)
+    out_dir = args.output_dir
+
+    # ---- data: uint8 images and 0/1 masks at img_size, decoded once by data.py (and cached)
+    opts = dict(data.data_options(args), labels=None, split_fractions=(1.0, 0.0, 0.0))
+    try:
+        ds = data.build_dataset("dicom", "train", data_dir=args.data_dir, img_size=args.img_size, seed=args.seed,
+                                num_workers=args.num_workers, **opts)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    val_count = round(0.2 * len(ds)) if args.val_count is None else args.val_count
+    tr, va, dups = split_by_radiograph(ds.x, val_count, args.seed)
+    x, m, xv, mv = ds.x[tr], ds.masks[tr], ds.x[va], ds.masks[va]
+    try:
+        mean, std = data.channel_stats(x, f"the training images under {args.data_dir}")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    steps_per_epoch = len(x) // args.batch_size
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: {len(x)} training images are fewer than one batch (--batch-size {args.batch_size})")
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
+    if device.type == "cuda":
+        x, m = x.to(device), m.to(device)
+
+    # ---- model and optimiser: AdamW, no decay on norms and biases (models.param_groups)
+    torch.manual_seed(args.seed)
+    raw_model = UNet(in_chans=1, width=args.width, depth=args.depth).to(device)
+    opt = torch.optim.AdamW(param_groups(raw_model, args.weight_decay), lr=args.lr,
+                            fused=device.type in ("cuda", "cpu"))
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    print(f"U-Net width {args.width} depth {args.depth} ({n_params / 1e6:.2f}M params) | {args.img_size}px | "
+          f"{device} {precision} | {len(x)} train, {len(xv)} val radiographs ({dups} duplicate image(s) kept "
+          f"with their twin) | mean {mean[0]:.3f} std {std[0]:.3f}")
+    print(f"batch {args.batch_size} | lr {args.lr:g} | {steps_per_epoch} steps/epoch x {args.epochs} epochs = "
+          f"{total_steps} steps, warm-up {warmup_steps}")
+
+    # ---- resume
+    step, best = resume(raw_model, opt, args.resume or os.path.join(out_dir, "ckpt.pt"), args.resume)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
+    state = lambda: dict(model=raw_model.state_dict(), opt=opt.state_dict(), step=step, epoch=step // steps_per_epoch,
+                         args=vars(args), unet_config=raw_model.config(), best=best,
+                         data=dict(img_size=args.img_size, mean=list(mean), std=list(std), keep_aspect=args.keep_aspect,
+                                   window_percentile=args.window_percentile),
+                         val_ids=[ds.ids[i] for i in va])
+
+    # ---- loop
+    raw_model.train()
+    max_steps = min(args.max_steps or total_steps, total_steps)
+    start_epoch, first = divmod(step, steps_per_epoch)
+    t_saved, stats = time.time(), {}
+    for epoch in range(start_epoch, args.epochs):
+        if step >= max_steps:
+            break
+        batches = data.epoch_batches(len(x), args.batch_size, epoch, args.seed, start=first if epoch == start_epoch else 0)
+        loss_sum, n_sum, t_epoch = torch.zeros((), device=device), 0, time.time()
+        bar = tqdm(total=steps_per_epoch, initial=first if epoch == start_epoch else 0, desc=f"ep {epoch + 1}/{args.epochs}",
+                   dynamic_ncols=True, leave=False)
+        while step < max_steps and step < (epoch + 1) * steps_per_epoch:
+            lr_now = cosine_lr(step, total_steps, warmup_steps, args.lr, args.min_lr)
+            for g in opt.param_groups:
+                g["lr"] = lr_now
+            torch.manual_seed(args.seed * 1_000_003 + step)      # augmentation from (seed, step): exact resumes
+            idx = next(batches).to(x.device)
+            img, mask = augment(x[idx].to(device), m[idx].to(device), args, mean, std)
+            with amp:
+                logits = raw_model(img)
+            loss, _ = seg_loss(logits, mask, args.bce_weight)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            loss_sum += loss.detach()
+            n_sum += 1
+            bar.update(1)
+            bar.set_postfix_str(f"loss {loss.item():.4f} lr {lr_now:.2e}")
+            if not math.isfinite(loss.item()):
+                raise SystemExit(f"error: loss is {loss.item()} at step {step}: stopping; the last checkpoint in "
+                                 f"{out_dir} is untouched. Lower --lr or use --precision fp32")
+            if step % steps_per_epoch and time.time() - t_saved >= 60 * args.save_every:
+                save_checkpoint(state(), os.path.join(out_dir, "ckpt.pt"))
+                t_saved = time.time()
+        bar.close()
+
+        # ---- end of epoch: val Dice / IoU, log, save (best.pt when the val Dice improves)
+        seconds = time.time() - t_epoch
+        stats = dict(epoch=epoch + 1, step=step, loss=(loss_sum / max(n_sum, 1)).item(), lr=lr_now,
+                     img_per_s=n_sum * args.batch_size / seconds, seconds=round(seconds, 2))
+        if len(xv):
+            stats.update(evaluate(raw_model, xv, mv, mean, std, device, amp, args.batch_size))
+        improved = not len(xv) or stats["dice"] > best
+        best = stats["dice"] if len(xv) and improved else best
+        print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
+        with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(stats) + "\n")
+        save_checkpoint(state(), os.path.join(out_dir, "ckpt.pt"))
+        if improved:
+            save_checkpoint(state(), os.path.join(out_dir, "best.pt"))
+        t_saved = time.time()
+    return dict(stats, step=step, best=best, out_dir=out_dir)
+
+
+def unfit_square(prob, h, w, keep_aspect=True):
+    """The inverse of data.fit_square's geometry for an (S, S) map: crop the padding, then resize
+    bilinearly to the image's (h, w). Thresholding the resized probability gives smooth outlines at
+    the original resolution, not the staircase of an upscaled binary mask."""
+    S = prob.shape[-1]
+    if keep_aspect:                                          # fit_square's arithmetic, to the pixel
+        s = S / max(h, w)
+        nh, nw = max(1, round(h * s)), max(1, round(w * s))
+        top, left = (S - nh) // 2, (S - nw) // 2
+        prob = prob[top:top + nh, left:left + nw]
+    return F.interpolate(prob[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+
+
+def judge(mask, prob, args):
+    """One masks.csv row's numbers and flag: lung fraction, confidence (mean probability inside the
+    mask), components, and why the mask looks wrong ('' when it does not)."""
+    _, areas = label_components(mask)
+    frac, conf = mask.mean(), float(prob[mask].mean()) if mask.any() else 0.0
+    why = []
+    if len(areas) == 0:
+        why.append("empty")
+    elif args.components >= 2 and (len(areas) < 2 or areas[1] < args.min_ratio * areas[0]):
+        why.append("one lung")
+    if 0 < frac < args.min_area:
+        why.append("small")
+    if frac > args.max_area:
+        why.append("large")
+    if len(areas) and conf < args.min_confidence:
+        why.append("unsure")
+    return dict(lung_fraction=round(float(frac), 4), confidence=round(conf, 4), components=len(areas),
+                flag=";".join(why))
+
+
+def overlay_tile(img, mask, title, size=192):
+    """A radiograph with its mask tinted green and outlined red (yellow outline: flagged), titled."""
+    from PIL import Image, ImageDraw
+    g = data.fit_square(img, size).astype(np.float32)
+    m = data.fit_square(mask.astype(np.float32), size, nearest=True) > 0
+    inner = m.copy()                                         # erosion by one pixel: the outline is m minus it
+    inner[1:] &= m[:-1]; inner[:-1] &= m[1:]; inner[:, 1:] &= m[:, :-1]; inner[:, :-1] &= m[:, 1:]
+    rgb = np.repeat(g[..., None], 3, -1)
+    rgb[m] = rgb[m] * 0.7 + np.array([0, 255, 0]) * 0.3
+    rgb[m & ~inner] = (255, 255, 0) if "!" in title else (255, 0, 0)
+    tile = Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
+    ImageDraw.Draw(tile).text((3, 2), title, fill=(255, 255, 0) if "!" in title else (255, 255, 255))
+    return tile
+
+
+def save_grid(tiles, path, cols=4):
+    from PIL import Image
+    size = tiles[0].size[0]
+    rows = math.ceil(len(tiles) / cols)
+    grid = Image.new("RGB", (cols * size + cols - 1, rows * size + rows - 1), (255, 255, 255))
+    for k, tile in enumerate(tiles):
+        grid.paste(tile, ((k % cols) * (size + 1), (k // cols) * (size + 1)))
+    grid.save(path)
+
+
+@torch.no_grad()
+def predict(args):
+    # ---- setup: the U-Net and the preprocessing it was trained with, from the checkpoint
+    from PIL import Image
+    device = resolve_device(args.device)
+    setup_cpu(device)
+    amp, precision = autocast(args, device)
+    try:
+        ckpt = read_checkpoint(args.checkpoint, "segment.py checkpoint")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    if "unet_config" not in ckpt:
+        raise SystemExit(f"error: {args.checkpoint} is not a segment.py checkpoint (no unet_config)")
+    model = UNet(**ckpt["unet_config"])
+    model.load_state_dict(ckpt["model"])                     # strict: a mismatch fails loudly
+    model = model.to(device).eval()
+    d = ckpt["data"]
+    size, keep_aspect = args.img_size or d["img_size"], d["keep_aspect"]
+    out_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                                              "masks_" + os.path.basename(os.path.normpath(args.data_dir)))
+
+    # ---- data: every radiograph under --data-dir (not the output folder, should it lie inside)
+    try:   # list_xrays leaves its cache_dir out of the search; here that is the masks we write
+        files, ids, _ = data.list_xrays(args.data_dir, cache_dir=out_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    os.makedirs(out_dir, exist_ok=True)
+    print(f"{len(files)} images under {args.data_dir} -> {out_dir} | U-Net {ckpt['unet_config']} at {size}px | "
+          f"{device} {precision}")
+
+    def decode(f):
+        try:
+            return data.read_radiograph(f, args.window_percentile), None
+        except ValueError as e:
+            return None, str(e)
+
+    # ---- loop: decode a batch on threads, segment it, post-process and write each mask at its image's size
+    rows, bad, tiles, t0 = [], [], {"flagged": [], "ok": []}, time.time()
+    with ThreadPoolExecutor(max(args.num_workers, 1)) as pool:
+        for b in tqdm(range(0, len(files), args.batch_size), desc="segmenting", unit="batch", leave=False):
+            imgs, keep = [], []
+            for k, (img, why) in zip(range(b, b + args.batch_size), pool.map(decode, files[b:b + args.batch_size])):
+                if img is None:
+                    if not args.skip_bad:
+                        raise SystemExit(f"error: {why} (--skip-bad to list it and go on)")
+                    bad.append(why)
+                    continue
+                imgs.append(img), keep.append(k)
+            if not imgs:
+                continue
+            x = torch.from_numpy(np.stack([data.fit_square(i, size, keep_aspect) for i in imgs]))[:, None]
+            with amp:
+                logits = model(data.normalize(x.to(device), d["mean"], d["std"]))
+            probs = torch.sigmoid(logits.float())[:, 0].cpu()
+            for img, k, prob in zip(imgs, keep, probs):
+                prob = unfit_square(prob, *img.shape, keep_aspect).numpy()
+                mask = postprocess(prob, args.threshold, args.components)
+                Image.fromarray(mask.astype(np.uint8) * 255).save(os.path.join(out_dir, ids[k] + ".png"))
+                row = dict(id=ids[k], file=os.path.relpath(files[k], args.data_dir), height=img.shape[0],
+                           width=img.shape[1], **judge(mask, prob, args))
+                rows.append(row)
+                kind = "flagged" if row["flag"] else "ok"
+                if len(tiles[kind]) < args.grid:             # keep only the tiles the grid can show
+                    title = f"{ids[k]}" + (f" ! {row['flag']}" if row["flag"] else f" {row['lung_fraction']:.2f}")
+                    tiles[kind].append(overlay_tile(img, mask, title))
+    seconds = time.time() - t0
+
+    # ---- report: masks.csv, overlay.png, and the flagged images by name
+    with open(os.path.join(out_dir, "masks.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["id", "file", "height", "width", "lung_fraction", "confidence",
+                                          "components", "flag"])
+        w.writeheader()
+        w.writerows(rows)
+    name = "overlay"
+    while name in ids:                                       # never shadow an image's mask
+        name = "_" + name
+    if rows:
+        save_grid((tiles["flagged"] + tiles["ok"])[:args.grid], os.path.join(out_dir, name + ".png"))
+    flagged = [r for r in rows if r["flag"]]
+    print(f"wrote {len(rows)} masks in {seconds:.1f} s: {len(rows) / max(seconds, 1e-9):.1f} images/s, decoding "
+          f"included | masks.csv, {name}.png")
+    for why in bad:
+        print(f"skipped: {why}")
+    if flagged:
+        print(f"{len(flagged)} flagged (written anyway; look at them before using them):")
+        for r in flagged[:30]:
+            print(f"  {r['id']}: {r['flag']} (lung fraction {r['lung_fraction']}, confidence {r['confidence']}, "
+                  f"{r['components']} component(s))")
+        if len(flagged) > 30:
+            print(f"  ... and {len(flagged) - 30} more in masks.csv")
+    return dict(out_dir=out_dir, rows=rows, bad=bad, seconds=seconds)
+
+
+def main(args):
+    return train(args) if args.mode == "train" else predict(args)
+
+
+if __name__ == "__main__":
+    main(get_args())

@@ -1,0 +1,260 @@
+"""segment.py and the segmentation section of models.py: the U-Net's shapes, Dice/IoU and the
+connected-component post-processing against hand computations, a tiny training run end to end
+(checkpoints, log, an exact resume), predict's masks read back pixel-exact through data.py's
+--masks, and bad input stopping with one line that names the file."""
+import csv
+import json
+import os
+from collections import deque
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import models
+import segment
+from make_xray_dicoms import write_dicom
+
+TINY = ["--img-size", "32", "--width", "4", "--depth", "2", "--batch-size", "4", "--epochs", "2", "--val-count", "3",
+        "--warmup-epochs", "0.5", "--device", "cpu", "--precision", "fp32", "--num-workers", "1"]
+
+
+def radiograph(h, w, seed):
+    """A dark pair of 'lungs' in a bright 'body' on black, uint8 (h, w), and its 0/255 mask."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w] / np.array([h, w])[:, None, None]
+    body = (xx - 0.5) ** 2 / 0.2 + (yy - 0.55) ** 2 / 0.25 < 1
+    dx, dy = rng.uniform(-0.03, 0.03, 2)
+    lungs = ((xx - 0.32 - dx) ** 2 / 0.018 + (yy - 0.5 - dy) ** 2 / 0.08 < 1) | \
+            ((xx - 0.68 - dx) ** 2 / 0.016 + (yy - 0.5 - dy) ** 2 / 0.07 < 1)
+    img = np.where(lungs, 70, np.where(body, 190, 5)) + rng.integers(-20, 21, (h, w))
+    return img.clip(0, 255).astype(np.uint8), (lungs * 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def cxr(tmp_path_factory):
+    """PNG radiographs 40 wide x 30 high with masks (one radiograph filed twice), the same as
+    DICOMs (every other one MONOCHROME1, one portrait), and a trained tiny U-Net."""
+    d = tmp_path_factory.mktemp("cxr")
+    for sub in ("png", "masks", "dcm"):
+        os.makedirs(d / sub)
+    for k in range(15):
+        img, mask = radiograph(40 if k == 14 else 30, 30 if k == 14 else 40, 0 if k == 13 else k)  # 14: portrait
+        if k < 14:                                 # k=13 repeats k=0's pixels: the twin
+            Image.fromarray(img).save(d / "png" / f"im{k:02d}.png")
+            Image.fromarray(mask).save(d / "masks" / f"im{k:02d}.png")
+        write_dicom(d / "dcm" / f"im{k:02d}.dcm", 255 - img if k % 2 else img,
+                    photometric="MONOCHROME1" if k % 2 else "MONOCHROME2")
+    out = d / "run"
+    segment.main(segment.get_args(["train", "--data-dir", str(d / "png"), "--masks", str(d / "masks"),
+                                   "--output-dir", str(out), "--cache-dir", str(d / "cache")] + TINY))
+    return dict(dir=d, png=str(d / "png"), masks=str(d / "masks"), dcm=str(d / "dcm"), run=out)
+
+
+# ----------------------------------------------------------------------------- models.py, section 7
+
+@pytest.mark.parametrize("shape,depth", [((37, 50), 3), ((16, 16), 2), ((5, 3), 4)])
+def test_unet_output_shape_any_size(shape, depth):
+    net = models.UNet(in_chans=1, width=4, depth=depth)
+    x = torch.randn(2, 1, *shape, requires_grad=True)
+    y = net(x)
+    assert y.shape == (2, 1, *shape)
+    y.sum().backward()                                 # the padding is differentiable, every pixel gets a gradient
+    assert x.grad.abs().min() > 0
+    assert models.UNet(**net.config()).load_state_dict(net.state_dict())
+
+
+def test_dice_iou_by_hand():
+    pred, true = torch.zeros(3, 4, 4, dtype=torch.bool), torch.zeros(3, 4, 4, dtype=torch.bool)
+    pred[0, 0, :4] = True                              # 4 pixels
+    true[0, 0, 1:4], true[0, 1, :3] = True, True      # 6 pixels, 3 shared
+    true[1, 2, 2] = True                               # image 1: nothing predicted
+    dice, iou = models.dice_iou(pred, true)            # image 2: both empty, a perfect 1
+    assert torch.allclose(dice, torch.tensor([2 * 3 / (4 + 6), 0.0, 1.0], dtype=torch.float64))
+    assert torch.allclose(iou, torch.tensor([3 / (4 + 6 - 3), 0.0, 1.0], dtype=torch.float64))
+
+
+def test_seg_loss_small_when_right():
+    target = (torch.rand(2, 1, 8, 8) > 0.5).float()
+    good, _ = models.seg_loss((target * 2 - 1) * 20, target)
+    bad, parts = models.seg_loss((1 - target * 2) * 20, target)
+    assert good < 0.05 < 1.0 < bad and set(parts) == {"dice_loss", "bce"}
+
+
+def flood_fill(m, conn):
+    """Reference labelling: component areas by breadth-first search."""
+    seen, areas = np.zeros_like(m, bool), []
+    steps = [(0, 1), (1, 0), (0, -1), (-1, 0)] + ([(1, 1), (1, -1), (-1, 1), (-1, -1)] if conn == 8 else [])
+    for start in zip(*np.nonzero(m)):
+        if seen[start]:
+            continue
+        seen[start], queue, n = True, deque([start]), 0
+        while queue:
+            y, x = queue.popleft()
+            n += 1
+            for dy, dx in steps:
+                v = (y + dy, x + dx)
+                if 0 <= v[0] < m.shape[0] and 0 <= v[1] < m.shape[1] and m[v] and not seen[v]:
+                    seen[v] = True
+                    queue.append(v)
+        areas.append(n)
+    return sorted(areas, reverse=True)
+
+
+def test_components_keep_two_lungs_fill_hole():
+    m = np.zeros((30, 40), bool)
+    m[3:25, 4:16] = True                               # left lung, 22 x 12
+    m[4:24, 22:33] = True                              # right lung, 20 x 11, with a 3 x 2 hole
+    m[10:13, 26:28] = False
+    m[27:29, 36:38] = True                             # a stray blob, 2 x 2
+    m[25, 16] = True                                   # touches the left lung at a corner only: 8-connected
+    labels, areas = models.label_components(m)
+    assert areas.tolist() == [22 * 12 + 1, 20 * 11 - 6, 4] and labels.max() == 3
+    assert models.label_components(m, connectivity=4)[1].tolist() == [22 * 12, 20 * 11 - 6, 4, 1]
+    kept = models.keep_largest_components(m, k=2)
+    assert not kept[27:29, 36:38].any() and kept[3:25, 4:16].all() and kept[25, 16]
+    filled = models.fill_holes(kept)
+    assert filled[4:24, 22:33].all() and (filled ^ kept).sum() == 6
+    assert not models.fill_holes(np.pad(np.ones((3, 3), bool), 1) ^ np.pad(np.ones((1, 1), bool), 2))[0].any()
+    # against flood fill on random masks, both connectivities
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        r = rng.random(tuple(rng.integers(1, 14, 2))) < rng.random()
+        for conn in (4, 8):
+            labels, areas = models.label_components(r, conn)
+            assert areas.tolist() == flood_fill(r, conn)
+            assert ((labels > 0) == r).all() and [int((labels == i + 1).sum()) for i in range(len(areas))] == areas.tolist()
+
+
+def test_judge_flags_one_lung_and_areas():
+    args = segment.get_args(["predict", "--checkpoint", "x.pt", "--data-dir", "x"])
+    two = np.zeros((20, 20), bool)
+    two[2:18, 2:8], two[2:18, 11:17] = True, True
+    prob = np.where(two, 0.95, 0.05)
+    assert segment.judge(two, prob, args) == dict(lung_fraction=0.48, confidence=0.95, components=2, flag="")
+    one = two.copy()
+    one[:, 10:] = False
+    assert segment.judge(one, prob, args)["flag"] == "one lung"
+    assert segment.judge(np.zeros((20, 20), bool), prob, args)["flag"] == "empty"
+    assert segment.judge(np.ones((20, 20), bool), np.full((20, 20), 0.6), args)["flag"] == "one lung;large;unsure"
+
+
+# ----------------------------------------------------------------------------- segment.py train
+
+def test_split_keeps_identical_images_together():
+    x = torch.randint(0, 255, (20, 1, 8, 8), dtype=torch.uint8)
+    x[7] = x[3]
+    x[12] = x[3]
+    for seed in range(20):
+        tr, va, dups = segment.split_by_radiograph(x, 5, seed)
+        assert dups == 2 and sorted(tr + va) == list(range(20)) and len(va) >= 5
+        assert len({3, 7, 12} & set(va)) in (0, 3)
+
+
+def test_augment_moves_image_and_mask_together():
+    args = segment.get_args(["train", "--data-dir", "x", "--masks", "y", "--rotate", "10"])
+    x = torch.zeros(4, 1, 32, 32, dtype=torch.uint8)
+    x[:, :, 8:24, 6:20] = 200
+    m = (x > 0).to(torch.uint8)
+    torch.manual_seed(0)
+    img, mask = segment.augment(x, m, args, (0.0,), (1.0,))
+    assert img.shape == mask.shape == (4, 1, 32, 32) and set(mask.unique().tolist()) <= {0.0, 1.0}
+    assert not torch.equal(mask, m.float())            # moved ...
+    inside = img[mask.bool()].mean() - img[~mask.bool()].mean()
+    assert inside > 0.5                                # ... and the bright square still under its mask
+
+
+def test_train_writes_checkpoints_and_log(cxr):
+    run = cxr["run"]
+    assert {"ckpt.pt", "best.pt", "log.jsonl", "args.json"} <= set(os.listdir(run))
+    rows = [json.loads(line) for line in open(run / "log.jsonl")]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert all(0 <= r["dice_p10"] <= r["dice"] <= 1 and 0 <= r["iou"] <= 1 for r in rows)
+    ckpt = torch.load(run / "best.pt", weights_only=True)   # a plain dict: no pickled objects
+    assert ckpt["unet_config"] == dict(in_chans=1, width=4, depth=2) and ckpt["data"]["img_size"] == 32
+    assert ckpt["args"]["mode"] == "train" and len(ckpt["val_ids"]) in (3, 4) and ckpt["best"] == max(r["dice"] for r in rows)
+    net = models.UNet(**ckpt["unet_config"])
+    net.load_state_dict(ckpt["model"])
+    assert ("im00" in ckpt["val_ids"]) == ("im13" in ckpt["val_ids"])   # the twins on one side
+
+
+def test_train_resumes_exactly(cxr, tmp_path):
+    argv = ["train", "--data-dir", cxr["png"], "--masks", cxr["masks"], "--output-dir", str(tmp_path),
+            "--cache-dir", str(cxr["dir"] / "cache")] + TINY
+    straight = torch.load(cxr["run"] / "ckpt.pt", weights_only=True)
+    out = segment.main(segment.get_args(argv + ["--max-steps", "3"]))     # stopped in the second epoch
+    assert out["step"] == 3 < straight["step"] and torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 3
+    out = segment.main(segment.get_args(argv))         # picks up ckpt.pt by itself
+    resumed = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert out["step"] == resumed["step"] == straight["step"]
+    assert all(torch.equal(resumed["model"][k], straight["model"][k]) for k in straight["model"])
+
+
+# ----------------------------------------------------------------------------- segment.py predict
+
+@pytest.mark.parametrize("h,w", [(30, 40), (40, 30), (31, 40), (40, 27), (7, 40)])
+def test_unfit_square_inverts_fit_square(h, w):
+    yy, xx = np.mgrid[:h, :w]
+    m = ((yy - h / 2) ** 2 / (h / 3) ** 2 + (xx - w / 2) ** 2 / (w / 3) ** 2 < 1).astype(np.float32)
+    S = max(h, w)                                      # no resize: only the crop, exact
+    back = segment.unfit_square(torch.from_numpy(data.fit_square(m, S, nearest=True)).float() / 255, h, w)
+    assert back.shape == (h, w) and np.array_equal(back.numpy() > 0.5, m > 0)
+    back = segment.unfit_square(torch.from_numpy(data.fit_square(m, 24, nearest=True)).float() / 255, h, w)
+    assert models.dice_iou(torch.from_numpy(back.numpy() > 0.5)[None], torch.from_numpy(m > 0)[None])[0] > 0.85
+
+
+def test_predict_masks_read_back_by_data_py(cxr, tmp_path):
+    out = tmp_path / "masks"
+    res = segment.main(segment.get_args(["predict", "--checkpoint", str(cxr["run"] / "best.pt"), "--data-dir",
+                                         cxr["dcm"], "--output-dir", str(out), "--device", "cpu", "--grid", "4"]))
+    ids = sorted(f"im{k:02d}" for k in range(15))
+    assert sorted(r["id"] for r in res["rows"]) == ids and (out / "overlay.png").exists()
+    masks = {i: np.asarray(Image.open(out / f"{i}.png")) for i in ids}
+    for i, m in masks.items():                         # 0/255 at the image's own size
+        assert m.dtype == np.uint8 and m.shape == ((40, 30) if i == "im14" else (30, 40)) and set(np.unique(m)) <= {0, 255}
+    assert sum(m.any() for m in masks.values()) >= 10  # not a trivially empty read-back
+    rows = list(csv.DictReader(open(out / "masks.csv")))
+    assert [r["id"] for r in rows] == ids and set(rows[0]) >= {"lung_fraction", "confidence", "components", "flag"}
+    # data.py's --masks reads them back pixel-exact (fitted to its img_size as every mask is)
+    ds = data.build_dataset("dicom", data_dir=cxr["dcm"], img_size=32, masks=str(out), split_fractions=(1, 0, 0),
+                            cache_dir=str(tmp_path / "cache"), num_workers=1)
+    for i, mask in zip(ds.ids, ds.masks):
+        want = data.fit_square(np.asarray(Image.open(out / f"{i}.png")) / 255.0, 32, nearest=True) > 0
+        assert np.array_equal(mask[0].numpy() > 0, want)
+
+
+# ----------------------------------------------------------------------------- bad input: one line, naming the file
+
+def test_bad_input_names_the_file(cxr, tmp_path):
+    d = tmp_path
+    os.makedirs(d / "imgs"), os.makedirs(d / "masks"), os.makedirs(d / "empty")
+    for k in range(3):
+        img, mask = radiograph(30, 40, k)
+        Image.fromarray(img).save(d / "imgs" / f"a{k}.png")
+        if k != 1:
+            Image.fromarray(mask).save(d / "masks" / f"a{k}.png")
+    train = lambda *a: segment.main(segment.get_args(["train", "--masks", str(d / "masks"), "--output-dir",
+                                                      str(d / "run"), "--cache-dir", str(d / "cache")] + TINY + list(a)))
+    with pytest.raises(SystemExit, match=r"error: .*a1\.png: no mask a1\.png"):           # an image without a mask
+        train("--data-dir", str(d / "imgs"))
+    Image.fromarray(np.zeros((20, 40), np.uint8)).save(d / "masks" / "a1.png")
+    with pytest.raises(SystemExit, match=r"error: .*a1\.png.* is 40x20 but the image is 40x30"):   # another size
+        train("--data-dir", str(d / "imgs"))
+    with pytest.raises(SystemExit, match=r"error: no \.dcm .*empty"):                      # no images at all
+        train("--data-dir", str(d / "empty"))
+    with pytest.raises(SystemExit, match="2"):                                             # no --masks: usage error
+        segment.get_args(["train", "--data-dir", str(d / "imgs")])
+    predict = lambda *a: segment.main(segment.get_args(["predict", "--device", "cpu", "--output-dir",
+                                                        str(d / "out")] + list(a)))
+    with pytest.raises(SystemExit, match=r"error: no \.dcm .*empty"):
+        predict("--checkpoint", str(cxr["run"] / "best.pt"), "--data-dir", str(d / "empty"))
+    (d / "notckpt.pt").write_text("not a checkpoint\n")
+    with pytest.raises(SystemExit, match=r"error: .*notckpt\.pt is not a readable"):
+        predict("--checkpoint", str(d / "notckpt.pt"), "--data-dir", str(d / "imgs"))
+    (d / "imgs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(SystemExit, match=r"error: .*broken\.png: unreadable image"):
+        predict("--checkpoint", str(cxr["run"] / "best.pt"), "--data-dir", str(d / "imgs"))
+    res = predict("--checkpoint", str(cxr["run"] / "best.pt"), "--data-dir", str(d / "imgs"), "--skip-bad")
+    assert len(res["rows"]) == 3 and "broken.png" in res["bad"][0]
