@@ -651,17 +651,15 @@ def load_data(args):
         raise SystemExit(f"error: {e}")
     if train.y is None or test.y is None:
         raise SystemExit(f"error: {args.dataset} has no labels here; the curriculum ends with a classifier")
-    subset = lambda ds, idx: data.ImageSet(ds.x[idx], ds.y[idx], ds.classes, ds.mean, ds.std)
     try:
         val, source = data.load_split(args, "val", args.img_size), "val split"
         if len(val) == 0:                               # a CSV split column without val rows
             raise ValueError("empty val split")
     except ValueError:
-        val = subset(train, data.holdout_split(train.y, len(train), "test", args.val_fraction))
-        train = subset(train, data.holdout_split(train.y, len(train), "train", args.val_fraction))
+        val = train.subset(data.holdout_split(train.y, len(train), "test", args.val_fraction))
+        train = train.subset(data.holdout_split(train.y, len(train), "train", args.val_fraction))
         source = f"last {args.val_fraction:g} of each class of train"
-    evenly = lambda ds, n: subset(ds, torch.linspace(0, len(ds) - 1, n).long()) if n and n < len(ds) else ds
-    return evenly(train, args.max_train), evenly(val, args.max_val), test, source
+    return train.first(args.max_train), val.first(args.max_val), test, source
 
 
 def append_row(path, row):

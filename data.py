@@ -21,7 +21,7 @@ import argparse
 import os
 import pickle
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
@@ -42,6 +42,16 @@ class ImageSet:
 
     def __len__(self):
         return self.x.shape[0]
+
+    def subset(self, idx):
+        """The images idx (a LongTensor), with their labels, masks and ids; the statistics kept."""
+        pick = lambda v: None if v is None else v[idx] if torch.is_tensor(v) else [v[i] for i in idx.tolist()]
+        return replace(self, x=self.x[idx], y=pick(self.y), masks=pick(self.masks), ids=pick(self.ids))
+
+    def first(self, n):
+        """At most n images, evenly spaced: about n / classes of each class when the set is sorted or
+        shuffled by class (a label budget: --max-train). n = 0: all of them."""
+        return self if not n or n >= len(self) else self.subset(torch.linspace(0, len(self) - 1, n).long())
 
 
 DATASETS = ("synthetic", "cifar10", "cifar100", "stl10", "npz", "folder", "dicom")
@@ -404,6 +414,9 @@ def load_npz(path, split):
         raise FileNotFoundError(f"npz dataset not found: {path} is not a file. Point --data-dir at a .npz "
                                 f"holding x (N, H, W, C) uint8 and optionally y (N,).")
     d = np.load(path)
+    if "train_images" in d and "x" not in d:           # MedMNIST's layout (e.g. pneumoniamnist_28.npz)
+        d = {"x": d["train_images"], "y": d["train_labels"].reshape(-1), "x_test": d["test_images"],
+             "y_test": d["test_labels"].reshape(-1), **({"class_names": d["class_names"]} if "class_names" in d else {})}
     if "x" not in d:
         raise ValueError(f"{path} has no array 'x' (keys: {', '.join(d.files)})")
     key = "_test" if split == "test" and "x_test" in d else ""

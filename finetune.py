@@ -25,8 +25,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from models import (MODELS, bf16_is_fast, evaluate, load_encoder, param_groups, read_checkpoint, resolve_device,
-                    save_checkpoint)
+from models import (MODELS, bf16_is_fast, evaluate, load_encoder, param_groups, plot_curves, read_checkpoint,
+                    read_log, resolve_device, save_checkpoint)
 
 # MAE's fine-tuning recipe (its ViT-B ImageNet values), with fewer epochs for CIFAR/STL; for
 # synthetic, a laptop-CPU lab without the heavy regularisers (they slow a 15-epoch run down)
@@ -61,13 +61,16 @@ def get_args(argv=None):
     p.add_argument("--img-size", type=int, default=None, help="default: the checkpoint's")
     p.add_argument("--patch-size", type=int, default=None, help="default: the checkpoint's")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-train", type=int, default=0, help="a label budget: only this many training images, evenly "
+                   "spaced (about as many of each class); 0: all")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA, off for CPU)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--num-workers", type=int, default=4)
     p.add_argument("--checkpoint", default=None, help="pretrain.py checkpoint; none: train from scratch")
-    p.add_argument("--checkpoint-key", default="teacher", choices=["teacher", "student"],
-                   help="teacher: the EMA encoder (DS-MAE); MAE checkpoints have only the student")
+    p.add_argument("--checkpoint-key", default="auto", choices=["auto", "teacher", "student"],
+                   help="teacher: the EMA encoder (DS-MAE), student; auto: the teacher where there is one, else "
+                   "the student (MAE checkpoints have only the student)")
     p.add_argument("--pool", default="cls", choices=["cls", "mean"], help="head on the class token or on the "
                    "mean of the patch tokens")
     p.add_argument("--blr", type=float, default=1e-3, help="lr = blr * batch / 256 (MAE: 5e-4 for ViT-B, "
@@ -150,7 +153,7 @@ def load_data(args, img_size, in_chans):
     top = int(max(train.y.max(), test.y.max()))
     if top >= len(train.classes):
         raise SystemExit(f"error: labels go up to {top} but {args.dataset} names {len(train.classes)} classes")
-    return train, test, val if val is not None and len(val) else None
+    return train.first(args.max_train), test, val if val is not None and len(val) else None
 
 
 def make_augment(args, num_classes, img_size, mean, std):
@@ -309,6 +312,9 @@ def main(args):
                                        args, out_dir, amp)
             t_saved = time.time()
 
+    if master and os.path.exists(os.path.join(out_dir, "log.jsonl")):    # the run's curves, a panel per number
+        plot_curves({os.path.basename(os.path.normpath(out_dir)): read_log(out_dir)},
+                    os.path.join(out_dir, "curves.png"))
     if ddp:
         dist.barrier()
         dist.destroy_process_group()

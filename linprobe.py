@@ -40,13 +40,16 @@ def get_args(argv=None):
     p.add_argument("--img-size", type=int, default=None, help="default: the checkpoint's")
     p.add_argument("--patch-size", type=int, default=None, help="default: the checkpoint's")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-train", type=int, default=0, help="a label budget: only this many training images, evenly "
+                   "spaced (about as many of each class); 0: all")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the encoder (pays only with --augment)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--num-workers", type=int, default=4)
     p.add_argument("--checkpoint", default=None, help="pretrain.py checkpoint; none: random initialisation")
-    p.add_argument("--checkpoint-key", default="teacher", choices=["teacher", "student"],
-                   help="teacher: the EMA encoder (DS-MAE); MAE checkpoints have only the student")
+    p.add_argument("--checkpoint-key", default="auto", choices=["auto", "teacher", "student"],
+                   help="teacher: the EMA encoder (DS-MAE), student; auto: the teacher where there is one, else "
+                   "the student (MAE checkpoints have only the student)")
     p.add_argument("--pool", default="cls", choices=["cls", "mean", "both"], help="class token, mean of the "
                    "patch tokens, or both concatenated")
     p.add_argument("--blr", type=float, default=0.1, help="lr = blr * batch / 256 (MAE: 0.1 with LARS)")
@@ -107,6 +110,7 @@ def main(args):
     try:
         train = data.load_split(args, "train", encoder.img_size, args.download)
         test = data.load_split(args, "test", encoder.img_size)
+        train = train.first(args.max_train)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     if train.y is None or test.y is None or len(test) == 0:
@@ -181,7 +185,7 @@ def main(args):
                knn_top1=(knn == y_test).float().mean().item() * 100,
                mean_per_class=per_class_accuracy(pred, y_test, num_classes).mean().item() * 100,
                per_class=[round(v * 100, 2) for v in per_class_accuracy(pred, y_test, num_classes).tolist()],
-               epochs=args.epochs, augment=args.augment, probe_seconds=round(t_train, 2))
+               epochs=args.epochs, augment=args.augment, train_images=len(train), probe_seconds=round(t_train, 2))
     print(f"| encoder | pool | linear top-1 | k-NN top-1 | mean per-class | probe time |\n"
           f"| --- | --- | --- | --- | --- | --- |\n"
           f"| {tag} | {args.pool} | {res['linear_top1']:.2f} | {res['knn_top1']:.2f} | "

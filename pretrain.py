@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 import data
 from models import (DSMAE, MAE, MODELS, TEACHER_TARGETS, ViT, bf16_is_fast, ema_momentum, extract_features,
-                    knn_predict, param_groups, patchify, read_checkpoint, resolve_device, save_checkpoint, unpatchify)
+                    knn_predict, param_groups, patchify, plot_curves, read_checkpoint, read_log, resolve_device,
+                    save_checkpoint, unpatchify)
 
 # the paper's Table 1 for CIFAR and STL-10 (its batch 2048; 1024 for ViT-B on STL-10). For
 # synthetic, a laptop-CPU lab: a small model, a small batch, and a base lr that moves the weights
@@ -403,6 +404,9 @@ def main(args):
             append_log(out_dir, stats)
             saved_step, t_saved = step, time.time()
 
+    if master and os.path.exists(os.path.join(out_dir, "log.jsonl")):    # the run's curves, a panel per number
+        plot_curves({os.path.basename(os.path.normpath(out_dir)): read_log(out_dir)},
+                    os.path.join(out_dir, "curves.png"))
     if ddp:
         dist.barrier()                                 # rank 0 may still be writing
         dist.destroy_process_group()

@@ -3,8 +3,9 @@
 post-processed as the thesis did (the two largest components, holes filled), doubtful ones flagged.
 
     python segment.py train --data-dir ../shared/data/cxr/openist_normal/images \\
-        --masks ../shared/data/cxr/openist_normal/masks                  # 256 px, ~13 min on 2 CPU cores
-    python segment.py train --data-dir DIR --masks MASKS --img-size 64 --width 8 --epochs 2   # a tiny CPU run
+        --masks ../shared/data/cxr/openist_normal/masks --img-size 64 --width 8 --epochs 3 --output-dir runs/seg_tiny
+    python segment.py train --data-dir ../shared/data/cxr/openist_normal/images \\
+        --masks ../shared/data/cxr/openist_normal/masks     # 256 px: ~13 min on 2 CPU cores, val Dice ~0.97
     python segment.py predict --checkpoint runs/segment/best.pt --data-dir /data/cxr --output-dir /data/cxr_masks
     python pretrain.py --dataset dicom --data-dir /data/cxr --masks /data/cxr_masks --variant seg-black ...
 
@@ -51,22 +52,25 @@ def get_args(argv=None):
     common.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     common.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="bf16 autocast; "
                         "auto: where it is fast (CUDA, CPUs with AVX512-BF16: this U-Net 1.4x faster than fp32)")
-    common.add_argument("--batch-size", type=int, default=16)
+    common.add_argument("--batch-size", type=int, default=16, help="images per step (and per forward in predict)")
     common.add_argument("--num-workers", type=int, default=4, help="threads decoding images")
     t = modes.add_parser("train", parents=[common], formatter_class=HelpFormatter, help="fit a U-Net to image + "
-                         "mask pairs", description="Train the U-Net; see segment.py --help.")
-    t.add_argument("--output-dir", default="runs/segment")
+                         "mask pairs", description="Train the U-Net (see segment.py --help). Of the X-ray flags, "
+                         "--labels, --classes, --split-*, --variant and --channels do not apply: images and masks "
+                         "only.")
+    t.add_argument("--output-dir", default="runs/segment", help="ckpt.pt, best.pt, log.jsonl, args.json")
     t.add_argument("--resume", default="", help="checkpoint to resume from (default: <output-dir>/ckpt.pt if present)")
     t.add_argument("--img-size", type=int, default=256, help="square side the images are fitted to (black padding)")
     t.add_argument("--width", type=int, default=16, help="U-Net channels at full resolution, doubled per level")
     t.add_argument("--depth", type=int, default=4, help="U-Net levels below full resolution (2x2 max-pools)")
-    t.add_argument("--epochs", type=int, default=32, help="32 at 256 px: about 13 minutes on 2 CPU cores")
+    t.add_argument("--epochs", type=int, default=38, help="at 256 px with the defaults, 20 s per epoch (17.5 s of "
+                   "training, 1.35 s/step) on 2 CPU cores: 38 take 13 minutes")
     t.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit); the "
                    "schedule still spans --epochs, so a stopped run resumes exactly")
     t.add_argument("--lr", type=float, default=3e-3, help="AdamW peak lr, after a linear warm-up")
     t.add_argument("--min-lr", type=float, default=1e-5, help="end of the cosine decay")
-    t.add_argument("--warmup-epochs", type=float, default=1.0)
-    t.add_argument("--weight-decay", type=float, default=1e-4)
+    t.add_argument("--warmup-epochs", type=float, default=1.0, help="linear lr warm-up")
+    t.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW, on convolution weights only")
     t.add_argument("--bce-weight", type=float, default=1.0, help="loss = soft Dice + bce_weight * BCE")
     t.add_argument("--val-count", type=int, default=None, help="radiographs held out for validation "
                    "(default: 20%%; 55 of OpenIST's 275)")
@@ -87,7 +91,6 @@ def get_args(argv=None):
     q.add_argument("--checkpoint", required=True, help="best.pt or ckpt.pt of segment.py train")
     q.add_argument("--output-dir", default=None, help="the masks folder (default: masks_<data-dir name> next to "
                    "the checkpoint); give it to the other scripts as --masks")
-    q.add_argument("--img-size", type=int, default=None, help="default: the size the U-Net was trained at")
     q.add_argument("--window-percentile", type=float, default=0.5, help="DICOMs without a window: from this "
                    "percentile to 100 minus it (as data.py)")
     q.add_argument("--skip-bad", action="store_true", help="list unreadable files and go on")
@@ -101,12 +104,16 @@ def get_args(argv=None):
     q.add_argument("--min-confidence", type=float, default=0.85, help="flag when the mean probability inside "
                    "the mask is lower")
     q.add_argument("--grid", type=int, default=16, help="images in overlay.png (flagged ones first)")
+    q.add_argument("--reference", default=None, help="a folder of known <id>.png masks: Dice and IoU of each "
+                   "predicted mask at the image's own size in masks.csv, their summary, and worst.png (the five "
+                   "lowest Dice, the reference outlined in blue)")
     args = p.parse_args(argv)
     if args.mode == "train":
         if not args.masks:
             t.error("train needs --masks DIR: one <id>.png mask per image (nonzero = lung)")
         if args.labels or args.classes or args.variant != "full" or args.channels != 1:
-            t.error("segment.py reads images and masks only: --labels, --classes, --variant and --channels do not apply")
+            t.error("segment.py reads images and masks only: --labels, --classes, --variant and --channels do not "
+                    "apply")
     return args
 
 
@@ -114,7 +121,7 @@ def setup_cpu(device):
     """On a CPU: keep freed memory in the process. glibc returns every block above 32 MB (a batch of
     16 feature maps of 8 x 256 x 256 is 33 MB) to the kernel at free and takes fresh, page-faulting
     pages at the next malloc; measured on the 2-core machine, a training step of this U-Net took
-    11.2 s that way and 2.1 s with these two settings (no mmap, no trimming of the heap)."""
+    1.9 s that way and 1.3 s with these two settings (bf16; fp32: 3.7 s and 2.1 s)."""
     if device.type != "cpu":
         return
     try:
@@ -175,10 +182,10 @@ def augment(x, m, args, mean, std):
     return data.normalize(img, mean, std), mask
 
 
-def postprocess(prob, threshold=0.5, k=2):
-    """Probability map (H, W) -> bool mask: the k largest components (8-connected) above threshold,
-    their holes filled (the thesis' post-processed mask: no stray blobs)."""
-    return fill_holes(keep_largest_components(prob > threshold, k))
+def postprocess(mask, k=2):
+    """The thesis' post-processed mask: the k largest 8-connected components of a binary (H, W)
+    mask (stray blobs dropped), their holes filled; bool numpy."""
+    return fill_holes(keep_largest_components(mask, k))
 
 
 @torch.no_grad()
@@ -192,7 +199,7 @@ def evaluate(model, x, m, mean, std, device, amp, batch_size):
             logits = model(data.normalize(x[i:i + batch_size].to(device), mean, std))
         pred = (logits.float() > 0).cpu()
         raw.append(dice_iou(pred, m[i:i + batch_size])[0])
-        pp = torch.stack([torch.from_numpy(postprocess(p[0].numpy(), 0.5)) for p in pred])
+        pp = torch.stack([torch.from_numpy(postprocess(p[0].numpy())) for p in pred])
         post.append(torch.stack(dice_iou(pp, m[i:i + batch_size, 0]), 1))
     model.train()
     post, raw = torch.cat(post).float(), torch.cat(raw).float()
@@ -226,7 +233,7 @@ def train(args):
     out_dir = args.output_dir
 
     # ---- data: uint8 images and 0/1 masks at img_size, decoded once by data.py (and cached)
-    opts = dict(data.data_options(args), labels=None, split_fractions=(1.0, 0.0, 0.0))
+    opts = dict(data.data_options(args), split_fractions=(1.0, 0.0, 0.0))     # all of it: split below
     try:
         ds = data.build_dataset("dicom", "train", data_dir=args.data_dir, img_size=args.img_size, seed=args.seed,
                                 num_workers=args.num_workers, **opts)
@@ -249,8 +256,7 @@ def train(args):
     # ---- model and optimiser: AdamW, no decay on norms and biases (models.param_groups)
     torch.manual_seed(args.seed)
     raw_model = UNet(in_chans=1, width=args.width, depth=args.depth).to(device)
-    opt = torch.optim.AdamW(param_groups(raw_model, args.weight_decay), lr=args.lr,
-                            fused=device.type in ("cuda", "cpu"))
+    opt = torch.optim.AdamW(param_groups(raw_model, args.weight_decay), lr=args.lr, fused=True)
     n_params = sum(p.numel() for p in raw_model.parameters())
     print(f"U-Net width {args.width} depth {args.depth} ({n_params / 1e6:.2f}M params) | {args.img_size}px | "
           f"{device} {precision} | {len(x)} train, {len(xv)} val radiographs ({dups} duplicate image(s) kept "
@@ -277,10 +283,11 @@ def train(args):
     for epoch in range(start_epoch, args.epochs):
         if step >= max_steps:
             break
-        batches = data.epoch_batches(len(x), args.batch_size, epoch, args.seed, start=first if epoch == start_epoch else 0)
-        loss_sum, n_sum, t_epoch = torch.zeros((), device=device), 0, time.time()
-        bar = tqdm(total=steps_per_epoch, initial=first if epoch == start_epoch else 0, desc=f"ep {epoch + 1}/{args.epochs}",
-                   dynamic_ncols=True, leave=False)
+        skip = first if epoch == start_epoch else 0          # steps of this epoch done before a resume
+        batches = data.epoch_batches(len(x), args.batch_size, epoch, args.seed, start=skip)
+        loss_sum, n_sum, t_epoch = 0.0, 0, time.time()
+        bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"ep {epoch + 1}/{args.epochs}", dynamic_ncols=True,
+                   leave=False)
         while step < max_steps and step < (epoch + 1) * steps_per_epoch:
             lr_now = cosine_lr(step, total_steps, warmup_steps, args.lr, args.min_lr)
             for g in opt.param_groups:
@@ -295,13 +302,13 @@ def train(args):
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            loss_sum += loss.detach()
-            n_sum += 1
-            bar.update(1)
-            bar.set_postfix_str(f"loss {loss.item():.4f} lr {lr_now:.2e}")
-            if not math.isfinite(loss.item()):
-                raise SystemExit(f"error: loss is {loss.item()} at step {step}: stopping; the last checkpoint in "
+            loss_now = loss.item()                           # a small net: reading it every step costs nothing
+            if not math.isfinite(loss_now):
+                raise SystemExit(f"error: loss is {loss_now} at step {step}: stopping; the last checkpoint in "
                                  f"{out_dir} is untouched. Lower --lr or use --precision fp32")
+            loss_sum, n_sum = loss_sum + loss_now, n_sum + 1
+            bar.update(1)
+            bar.set_postfix_str(f"loss {loss_now:.4f} lr {lr_now:.2e}")
             if step % steps_per_epoch and time.time() - t_saved >= 60 * args.save_every:
                 save_checkpoint(state(), os.path.join(out_dir, "ckpt.pt"))
                 t_saved = time.time()
@@ -309,7 +316,7 @@ def train(args):
 
         # ---- end of epoch: val Dice / IoU, log, save (best.pt when the val Dice improves)
         seconds = time.time() - t_epoch
-        stats = dict(epoch=epoch + 1, step=step, loss=(loss_sum / max(n_sum, 1)).item(), lr=lr_now,
+        stats = dict(epoch=epoch + 1, step=step, loss=loss_sum / max(n_sum, 1), lr=lr_now,
                      img_per_s=n_sum * args.batch_size / seconds, seconds=round(seconds, 2))
         if len(xv):
             stats.update(evaluate(raw_model, xv, mv, mean, std, device, amp, args.batch_size))
@@ -358,29 +365,40 @@ def judge(mask, prob, args):
                 flag=";".join(why))
 
 
-def overlay_tile(img, mask, title, size=192):
-    """A radiograph with its mask tinted green and outlined red (yellow outline: flagged), titled."""
-    from PIL import Image, ImageDraw
-    g = data.fit_square(img, size).astype(np.float32)
+def outline(mask, size):
+    """A binary mask fitted to (size, size) as data.py fits it, and its one-pixel outline."""
     m = data.fit_square(mask.astype(np.float32), size, nearest=True) > 0
-    inner = m.copy()                                         # erosion by one pixel: the outline is m minus it
-    inner[1:] &= m[:-1]; inner[:-1] &= m[1:]; inner[:, 1:] &= m[:, :-1]; inner[:, :-1] &= m[:, 1:]
-    rgb = np.repeat(g[..., None], 3, -1)
+    p = np.pad(m, 1)                                         # m eroded by one pixel: the outline is m minus it
+    return m, m & ~(p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:])
+
+
+def overlay_tile(img, mask, title, flagged, size=192, reference=None):
+    """A radiograph (float (H, W)) with its mask tinted green and outlined, red (yellow: flagged), titled;
+    a reference mask, if given, outlined in blue."""
+    from PIL import Image, ImageDraw
+    m, edge = outline(mask, size)
+    rgb = np.repeat(data.fit_square(img, size)[..., None].astype(np.float32), 3, -1)
     rgb[m] = rgb[m] * 0.7 + np.array([0, 255, 0]) * 0.3
-    rgb[m & ~inner] = (255, 255, 0) if "!" in title else (255, 0, 0)
-    tile = Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
-    ImageDraw.Draw(tile).text((3, 2), title, fill=(255, 255, 0) if "!" in title else (255, 255, 255))
+    rgb[edge] = (255, 255, 0) if flagged else (255, 0, 0)
+    if reference is not None:
+        rgb[outline(reference, size)[1]] = (60, 120, 255)
+    tile = Image.fromarray(rgb.astype(np.uint8))
+    ImageDraw.Draw(tile).text((3, 2), title, fill=(255, 255, 0) if flagged else (255, 255, 255))
     return tile
 
 
-def save_grid(tiles, path, cols=4):
+def reference_mask(folder, i, shape):
+    """The known mask <i>.png in folder as a bool array (None without one); SystemExit if its size differs."""
     from PIL import Image
-    size = tiles[0].size[0]
-    rows = math.ceil(len(tiles) / cols)
-    grid = Image.new("RGB", (cols * size + cols - 1, rows * size + rows - 1), (255, 255, 255))
-    for k, tile in enumerate(tiles):
-        grid.paste(tile, ((k % cols) * (size + 1), (k // cols) * (size + 1)))
-    grid.save(path)
+    path = os.path.join(folder, i + ".png") if folder else None
+    if path is None or not os.path.isfile(path):
+        return None
+    with Image.open(path) as m:
+        ref = np.asarray(m.convert("L")) > 0
+    if ref.shape != tuple(shape):
+        raise SystemExit(f"error: --reference mask {path} is {ref.shape[1]}x{ref.shape[0]}, its image "
+                         f"{shape[1]}x{shape[0]}")
+    return ref
 
 
 @torch.no_grad()
@@ -400,9 +418,11 @@ def predict(args):
     model.load_state_dict(ckpt["model"])                     # strict: a mismatch fails loudly
     model = model.to(device).eval()
     d = ckpt["data"]
-    size, keep_aspect = args.img_size or d["img_size"], d["keep_aspect"]
+    size, keep_aspect = d["img_size"], d["keep_aspect"]      # the geometry the U-Net learnt
     out_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
                                               "masks_" + os.path.basename(os.path.normpath(args.data_dir)))
+    if os.path.abspath(out_dir) == os.path.abspath(args.data_dir):
+        raise SystemExit(f"error: --output-dir {out_dir} is --data-dir: the masks would mix with the radiographs")
 
     # ---- data: every radiograph under --data-dir (not the output folder, should it lie inside)
     try:   # list_xrays leaves its cache_dir out of the search; here that is the masks we write
@@ -439,33 +459,58 @@ def predict(args):
             probs = torch.sigmoid(logits.float())[:, 0].cpu()
             for img, k, prob in zip(imgs, keep, probs):
                 prob = unfit_square(prob, *img.shape, keep_aspect).numpy()
-                mask = postprocess(prob, args.threshold, args.components)
+                mask = postprocess(prob > args.threshold, args.components)
                 Image.fromarray(mask.astype(np.uint8) * 255).save(os.path.join(out_dir, ids[k] + ".png"))
                 row = dict(id=ids[k], file=os.path.relpath(files[k], args.data_dir), height=img.shape[0],
                            width=img.shape[1], **judge(mask, prob, args))
+                ref = reference_mask(args.reference, ids[k], img.shape)
+                if ref is not None:
+                    dice, iou = dice_iou(torch.from_numpy(mask)[None], torch.from_numpy(ref)[None])
+                    row.update(dice=round(float(dice), 4), iou=round(float(iou), 4))
                 rows.append(row)
                 kind = "flagged" if row["flag"] else "ok"
                 if len(tiles[kind]) < args.grid:             # keep only the tiles the grid can show
-                    title = f"{ids[k]}" + (f" ! {row['flag']}" if row["flag"] else f" {row['lung_fraction']:.2f}")
-                    tiles[kind].append(overlay_tile(img, mask, title))
+                    title = f"{ids[k]}: {row['flag'] or round(row['lung_fraction'], 2)}"
+                    tiles[kind].append(overlay_tile(img, mask, title, bool(row["flag"])))
     seconds = time.time() - t0
 
     # ---- report: masks.csv, overlay.png, and the flagged images by name
     with open(os.path.join(out_dir, "masks.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["id", "file", "height", "width", "lung_fraction", "confidence",
-                                          "components", "flag"])
+                                          "components", "flag"] + (["dice", "iou"] if args.reference else []),
+                           restval="")
         w.writeheader()
         w.writerows(rows)
     name = "overlay"
     while name in ids:                                       # never shadow an image's mask
         name = "_" + name
-    if rows:
-        save_grid((tiles["flagged"] + tiles["ok"])[:args.grid], os.path.join(out_dir, name + ".png"))
+    shown = (tiles["flagged"] + tiles["ok"])[:args.grid]
+    if shown:                                                # 4 per row, 1 px white between
+        S, cols, rows_ = shown[0].size[0], min(4, len(shown)), math.ceil(len(shown) / 4)
+        grid = Image.new("RGB", (cols * (S + 1) - 1, rows_ * (S + 1) - 1), (255, 255, 255))
+        for k, tile in enumerate(shown):
+            grid.paste(tile, ((k % 4) * (S + 1), (k // 4) * (S + 1)))
+        grid.save(os.path.join(out_dir, name + ".png"))
     flagged = [r for r in rows if r["flag"]]
     print(f"wrote {len(rows)} masks in {seconds:.1f} s: {len(rows) / max(seconds, 1e-9):.1f} images/s, decoding "
           f"included | masks.csv, {name}.png")
     for why in bad:
         print(f"skipped: {why}")
+    scored = sorted((r for r in rows if "dice" in r), key=lambda r: r["dice"])
+    if scored:                                               # against the reference masks: numbers and the worst
+        dice = np.array([r["dice"] for r in scored])
+        print(f"Dice against {args.reference}, {len(dice)} images: mean {dice.mean():.4f}, 10th percentile "
+              f"{np.quantile(dice, 0.1):.4f}, min {dice.min():.4f} | IoU mean {np.mean([r['iou'] for r in scored]):.4f}"
+              f" | worst: " + ", ".join(f"{r['id']} {r['dice']:.3f}" for r in scored[:5]))
+        worst = [overlay_tile(data.read_radiograph(os.path.join(args.data_dir, r["file"]), args.window_percentile),
+                              np.asarray(Image.open(os.path.join(out_dir, r["id"] + ".png"))) > 0,
+                              f"{r['id']}: Dice {r['dice']:.3f}", bool(r["flag"]), 256,
+                              reference_mask(args.reference, r["id"], (r["height"], r["width"])))
+                 for r in scored[:5]]
+        strip = Image.new("RGB", (len(worst) * 257 - 1, 256), (255, 255, 255))
+        for k, tile in enumerate(worst):
+            strip.paste(tile, (k * 257, 0))
+        strip.save(os.path.join(out_dir, "_worst.png" if "worst" in ids else "worst.png"))
     if flagged:
         print(f"{len(flagged)} flagged (written anyway; look at them before using them):")
         for r in flagged[:30]:

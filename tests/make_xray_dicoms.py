@@ -3,11 +3,16 @@ the OpenIST PNG radiographs (with lung masks) into a DICOM folder like a hospita
 
     python tests/make_xray_dicoms.py ../shared/data/cxr/openist_normal /tmp/cxr_dicom \
         [--extra ../shared/data/cxr/dicom]
+    python tests/make_xray_dicoms.py ../shared/data/cxr/openist_normal /tmp/flip --both-sides
 
 Every other image is written as MONOCHROME1 (inverted pixel values, as CR plates store them)
 and all as 12-bit data with a rescale slope/intercept and a window, so the loader's whole
 modality LUT -> window -> inversion path is exercised; masks are copied as <id>.png and a
-labels.csv (id, label, side) is written, the label being the image's left/right orientation.
+labels.csv (id, label) is written, the label being the image's left/right orientation: half the
+radiographs are mirrored. --both-sides writes every distinct radiograph twice instead, as itself
+(<id>, "original") and mirrored (<id>_f, "flipped"), with a split column that keeps both of a
+radiograph (and the OpenIST twins, identical pixels under two ids) in one of train / val / test
+(70 / 10 / 20 %, seeded): the CAM study of the README.
 """
 import argparse
 import csv
@@ -51,35 +56,53 @@ def write_dicom(path, pixels, photometric="MONOCHROME2", bits_stored=None, signe
     return path
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="folder with images/<id>.png, masks/<id>.png (OpenIST layout)")
     p.add_argument("out")
     p.add_argument("--extra", default=None, help="a folder of real .dcm files to copy in (unlabelled)")
-    args = p.parse_args()
+    p.add_argument("--both-sides", action="store_true", help="each radiograph as itself and mirrored, split by radiograph")
+    p.add_argument("--seed", type=int, default=0, help="--both-sides: the split")
+    p.add_argument("--limit", type=int, default=0, help="only the first N radiographs (0: all)")
+    args = p.parse_args(argv)
     from PIL import Image
     os.makedirs(os.path.join(args.out, "dicom"), exist_ok=True)
     os.makedirs(os.path.join(args.out, "masks"), exist_ok=True)
-    rows = []
+    rows, seen = [], {}
     names = sorted(f for f in os.listdir(os.path.join(args.source, "images")) if f.endswith(".png"))
+    names = names[:args.limit] if args.limit else names
+    split = {}
+    if args.both_sides:        # by radiograph: a shuffled order cut at 70% and 80%
+        order = np.random.default_rng(args.seed).permutation(len(names))
+        split = {names[j]: "train" if r < 0.7 * len(names) else "val" if r < 0.8 * len(names) else "test"
+                 for r, j in enumerate(order)}
     for k, name in enumerate(names):
         i = os.path.splitext(name)[0]
         img = np.asarray(Image.open(os.path.join(args.source, "images", name)).convert("L"), dtype=np.float64)
         mask = Image.open(os.path.join(args.source, "masks", name))
-        flip = k % 4 >= 2      # half the images mirrored: a label that needs anatomy (the heart's side)
-        if flip:
-            img, mask = img[:, ::-1], mask.transpose(Image.FLIP_LEFT_RIGHT)
-        # 8-bit display values -> 12-bit stored values v, with modality values 2 v - 1024 and a window
-        # over the whole range, so that displaying it gives back the PNG (up to rounding)
-        v = np.rint(img / 255 * 4095)
-        mono1 = k % 2 == 1
-        write_dicom(os.path.join(args.out, "dicom", f"{i}.dcm"), (4095 - v) if mono1 else v,
-                    photometric="MONOCHROME1" if mono1 else "MONOCHROME2", bits_stored=12, slope=2, intercept=-1024,
-                    center=3071.5, width=8191)
-        mask.save(os.path.join(args.out, "masks", name))
-        rows.append((i, "mirrored" if flip else "standard"))
+        if args.both_sides:
+            key = img.tobytes()
+            if key in seen:    # the same radiograph under another id: keep one, not one per split
+                continue
+            seen[key] = i
+            versions = [(i, img, mask, "original"), (i + "_f", img[:, ::-1], mask.transpose(Image.FLIP_LEFT_RIGHT),
+                                                     "flipped")]
+        else:                  # half the images mirrored: a label that needs anatomy (the heart's side)
+            flip = k % 4 >= 2
+            versions = [(i, img[:, ::-1] if flip else img, mask.transpose(Image.FLIP_LEFT_RIGHT) if flip else mask,
+                         "mirrored" if flip else "standard")]
+        for j, (vid, im, m, label) in enumerate(versions):
+            # 8-bit display values -> 12-bit stored values v, with modality values 2 v - 1024 and a window
+            # over the whole range, so that displaying it gives back the PNG (up to rounding)
+            v = np.rint(im / 255 * 4095)
+            mono1 = (k + j) % 2 == 1
+            write_dicom(os.path.join(args.out, "dicom", f"{vid}.dcm"), (4095 - v) if mono1 else v,
+                        photometric="MONOCHROME1" if mono1 else "MONOCHROME2", bits_stored=12, slope=2,
+                        intercept=-1024, center=3071.5, width=8191)
+            m.save(os.path.join(args.out, "masks", f"{vid}.png"))
+            rows.append((vid, label) + ((split[name],) if args.both_sides else ()))
     with open(os.path.join(args.out, "labels.csv"), "w", newline="") as f:
-        csv.writer(f).writerows([("id", "label")] + rows)
+        csv.writer(f).writerows([("id", "label") + (("split",) if args.both_sides else ())] + rows)
     if args.extra:
         os.makedirs(os.path.join(args.out, "unlabelled"), exist_ok=True)
         for f in os.listdir(args.extra):

@@ -197,3 +197,17 @@ def test_augment_full_crop_is_the_image_or_its_mirror():
     assert 0 < flipped < 16
     crops = data.augment(x, 8, (0.5,) * 3, (0.25,) * 3)
     assert crops.shape == (16, 3, 8, 8) and crops.dtype == torch.float32
+
+
+def test_npz_in_medmnist_layout(tmp_path):
+    """MedMNIST's own files (train/val/test_images (N, 28, 28) uint8, *_labels (N, 1)) read as they are."""
+    rng = np.random.default_rng(0)
+    arrays = {f"{s}_{k}": (rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) if k == "images" else
+                           (np.arange(n) % 2)[:, None]) for s, n in (("train", 20), ("val", 4), ("test", 6))
+              for k in ("images", "labels")}
+    np.savez(tmp_path / "pneumoniamnist_28.npz", **arrays)
+    train = data.build_dataset("npz", "train", data_dir=str(tmp_path / "pneumoniamnist_28.npz"))
+    test = data.build_dataset("npz", "test", data_dir=str(tmp_path / "pneumoniamnist_28.npz"))
+    assert train.x.shape == (20, 1, 28, 28) and test.x.shape == (6, 1, 28, 28) and train.classes == ["0", "1"]
+    assert torch.equal(train.x[:, 0], torch.from_numpy(arrays["train_images"]))
+    assert train.y.tolist() == arrays["train_labels"][:, 0].tolist() and test.y.tolist() == [0, 1, 0, 1, 0, 1]

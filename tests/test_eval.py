@@ -172,3 +172,24 @@ def test_encoder_loads_into_timm_with_identical_features():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(enc.forward_features(x), vit.forward_features(x), atol=1e-5)
+
+
+def test_label_budget_takes_evenly_spaced_images_of_every_class(tmp_path, ckpts):
+    path = separable_npz(tmp_path / "sep.npz")                  # 4 classes of 40, sorted by class
+    full = data.build_dataset("npz", "train", data_dir=path)
+    few = full.first(8)
+    assert len(few) == 8 and torch.bincount(few.y).tolist() == [2, 2, 2, 2] and few.mean == full.mean
+    assert torch.equal(few.x[0], full.x[0]) and torch.equal(few.x[-1], full.x[-1])
+    res = linprobe.main(linprobe.get_args(["--checkpoint", ckpts["dsmae"], "--dataset", "npz", "--data-dir", path,
+                                           "--device", "cpu", "--epochs", "2", "--batch-size", "4", "--max-train", "8",
+                                           "--output-dir", str(tmp_path)]))
+    assert res["train_images"] == 8
+
+
+def test_auto_key_takes_the_teacher_where_there_is_one(ckpts):
+    for method, key in (("dsmae", "teacher"), ("mae", "encoder")):
+        ref = torch.load(ckpts[method], weights_only=True)[key]
+        enc = load_encoder(ckpts[method])                          # key "auto", the scripts' default
+        assert all(torch.equal(enc.state_dict()[k], ref[k]) for k in ref)
+    with pytest.raises(ValueError, match="has no teacher encoder"):
+        load_encoder(ckpts["mae"], "teacher")

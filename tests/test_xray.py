@@ -2,6 +2,7 @@
 labels, splits, masks, variants, the cache and bad files behave as documented."""
 import argparse
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -126,10 +127,10 @@ def make_study(root, n=12, size=16, masks=True, labels=("a", "b", "c")):
     return root
 
 
-def xray(root, split="train", **kw):
+def xray(root, split="train", img_size=16, **kw):
     opts = dict(labels=str(root / "labels.csv"), masks=str(root / "masks"), cache_dir=str(root / "cache"))
     opts.update(kw)
-    return data.build_dataset("dicom", split, data_dir=str(root / "dcm"), img_size=kw.pop("img_size", 16), **opts)
+    return data.build_dataset("dicom", split, data_dir=str(root / "dcm"), img_size=img_size, **opts)
 
 
 def test_labels_split_and_classes(tmp_path):
@@ -207,9 +208,17 @@ def test_cache_reused_and_rebuilt_on_change(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "read_radiograph", real)
     write_dicom(root / "dcm" / "im00.dcm", np.full((16, 16), 7, np.uint8))
     os.utime(root / "dcm" / "im00.dcm", ns=(1, 1))                 # a changed file, even with an old time
+    old = set((root / "cache").glob("xray_16px_*.npz"))
+    stale_tmp = root / "cache" / "xray_16px_0_0.npz.123.tmp.npz"  # an interrupted write, two hours ago
+    stale_tmp.write_bytes(b"partial")
+    os.utime(stale_tmp, (time.time() - 7200,) * 2)
+    xray(root, img_size=24, split_fractions=(1, 0, 0))         # another size: a cache of its own, kept
     again = xray(root, split_fractions=(1, 0, 0))
     assert (again.x[again.ids.index("im00")] == 0).all()      # constant image -> percentile window -> 0
     assert not torch.equal(again.x, first.x)
+    new = set((root / "cache").glob("xray_16px_*.npz"))
+    assert len(new) == 1 and not (new & old) and not stale_tmp.exists()   # the stale caches are gone
+    assert len(list((root / "cache").glob("xray_24px_*.npz"))) == 1
 
 
 def _decode_in_rank(rank, world, root, store, out):

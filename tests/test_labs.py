@@ -1,0 +1,90 @@
+"""The course labs cannot rot: every command of every handout (labs/lab*.md) runs here at a tiny size
+(the handout's own flags, then a few more that shrink the model, the data and the epochs), and
+every output the handout tells students to look at, and every file its measured numbers come from,
+must exist afterwards. A renamed flag fails the command (argparse), a renamed output fails the check."""
+import glob
+import os
+import re
+import shlex
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "labs"))
+import measure  # noqa: E402
+
+SHARED = os.path.join(ROOT, "..", "shared", "data")
+NANO = ["--model", "vit_nano", "--img-size", "16", "--patch-size", "4"]
+TINY = {  # appended to a handout's flags (argparse: the last value of a flag wins)
+    "pretrain.py": ["--epochs", "1", "--max-steps", "2", "--knn-samples", "40", "--batch-size", "16",
+                    "--decoder-dim", "32", "--decoder-depth", "1", *NANO],
+    "linprobe.py": ["--epochs", "1"],
+    "finetune.py": ["--epochs", "1", "--max-steps", "2", "--batch-size", "4"],
+    "segment.py": ["--epochs", "1", "--max-steps", "2", "--img-size", "32", "--width", "4", "--depth", "2",
+                   "--val-count", "3"],
+    "cam.py": ["--max-images", "4"],
+    "curriculum.py": ["--epochs", "1", "--search-epochs", "1", "--cls-epochs", "1", "--cls-search-epochs", "1",
+                      "--max-train", "64", "--max-val", "16", "--lr-grid", "0.1", "--cls-lr-grid", "0.1",
+                      "--img-size", "16"],
+    "make_xray_dicoms.py": ["--limit", "14"],
+}
+
+
+def tiny(argv):
+    """The handout's command line made tiny: flags appended per script (segment.py predict, and
+    fine-tuning from a checkpoint, keep their model)."""
+    script = os.path.basename(argv[0])
+    extra = list(TINY.get(script, []))
+    if script == "segment.py" and argv[1] == "predict":
+        extra = []
+    if script == "finetune.py" and "--checkpoint" not in argv and "--dataset" not in argv:
+        extra += NANO
+    if script == "finetune.py" and "--dataset" in argv:         # the X-ray models: a tiny ViT at their size
+        extra += ["--model", "vit_nano"]
+    if script == "linprobe.py" and "--checkpoint" not in argv:
+        extra += NANO
+    return argv + extra
+
+
+def run_in_process(argv, path, line):
+    """python SCRIPT ARGS as the script's own main would run it, in this process (one torch import for
+    all the commands); an argparse error or any exit is a failed command."""
+    import importlib.util
+    script = os.path.join(ROOT, argv[0])
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(script))[0], script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    try:
+        if hasattr(mod, "get_args"):
+            mod.main(mod.get_args(argv[1:]))
+        else:                                     # plot.py, tests/make_xray_dicoms.py: main(argv)
+            mod.main(argv[1:])
+    except SystemExit as e:
+        pytest.fail(f"{os.path.basename(path)}: `{line}` stopped: {e}")
+
+
+def paths_to_look_at(text):
+    """Every `runs/...` path the handout names in backticks (a numbered epoch matches any epoch)."""
+    return [re.sub(r"_\d{4}\.png$", "_*.png", p) for p in re.findall(r"`(runs/[^`\s]+)`", text)]
+
+
+@pytest.mark.parametrize("path", measure.handouts(), ids=os.path.basename)
+def test_every_lab_command_runs_and_its_outputs_exist(path, tmp_path, monkeypatch):
+    text = open(path).read()
+    if "../shared/data" in text and not os.path.isdir(SHARED):
+        pytest.skip("the lab reads ../shared/data, which is not here")
+    assert measure.commands(text) and measure.measures(text), "a handout needs commands and measured numbers"
+    runs = str(tmp_path / "runs")
+    monkeypatch.chdir(ROOT)                       # the handouts' paths are relative to the repository
+    for line in measure.commands(text):
+        if line.startswith("SEED="):
+            continue
+        argv = tiny(shlex.split(line.replace("$SEED", "0").replace("runs/", runs + "/"))[1:])
+        run_in_process(argv, path, line)
+    for p in paths_to_look_at(text):
+        found = glob.glob(p.replace("runs/", runs + "/"))
+        assert found, f"{os.path.basename(path)} tells students to look at {p}, which was not written"
+    for label, file, key, where in measure.measures(text):
+        value = measure.read_number(file.replace("$SEED", "0").replace("runs/", runs + "/"), key, where)
+        assert value is not None, f"{os.path.basename(path)}: '{label}' ({file}, {key}) was not written"
