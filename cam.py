@@ -206,6 +206,9 @@ def class_map(model, x, method="gradcam", target="pred", y=None, layer=None):
                 return F.relu(torch.einsum("bc,bchw->bhw", w.float(), A.float())), logits, cls, None
         if method != "gradcam":
             raise ValueError(f"unknown method {method!r}")
+        ## Grad-CAM: how much would the class score change if a feature map grew? Average that
+        ## gradient over the map to weigh each channel, sum the weighted maps, keep the positive
+        ## part: the places that argue FOR the class. Coarse (a 8x8 grid here) but model-agnostic
         with torch.enable_grad(), recording(module, where) as rec:
             logits = model(x)
             cls = pick_target(logits, target, y)

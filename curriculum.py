@@ -561,7 +561,11 @@ def stage_config(args, name):
 
 
 def check_config(saved, wanted, path):
-    diff = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
+    """SystemExit unless a finished stage was made with these settings. A flag the stage's run did not
+    have yet (added to get_args since) matches when it is at its default, so new flags keep old runs."""
+    defaults = vars(get_args([]))
+    was = lambda k: saved.get(k, defaults.get(k))
+    diff = {k: (was(k), v) for k, v in wanted.items() if was(k) != v}
     if diff:
         raise SystemExit(f"{path} was made with other settings ({diff}, saved vs now); choose another --output-dir")
 

@@ -316,9 +316,13 @@ class MAE(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
 
     def forward(self, imgs):
+        ## MAE in three lines: hide most patches, encode only the visible ones, and ask a small
+        ## decoder to paint the hidden ones back. With 75% hidden, neighbouring pixels are rarely
+        ## visible, so copying fails: the encoder has to represent what the object is.
         enc, B = self.encoder, imgs.shape[0]
         N = enc.grid ** 2
         masked, visible = random_subset(B, N, self.num_masked, imgs.device)
+        ## the encoder never sees a mask token: 4x fewer tokens, so pretraining is ~3x cheaper
         z = enc.encode(gather_tokens(enc.embed(imgs), visible))            # (B, 1 + N - M, D)
 
         # put the encoded tokens back in place, mask tokens everywhere else
@@ -352,6 +356,9 @@ class EMA(nn.Module):
 
     @torch.no_grad()
     def update(self, model, momentum):
+        ## the teacher is a slow average of the student: with momentum 0.99 it moves 1% of the way
+        ## each step, so its outputs change smoothly and give the student a stable target; it is
+        ## never trained by a gradient, and a collapsed (constant) target cannot appear at once
         torch._foreach_lerp_(list(self.module.parameters()), list(model.parameters()), 1.0 - momentum)
         buffers = list(self.module.buffers())
         if buffers:
@@ -421,13 +428,18 @@ class DSMAE(nn.Module):
     L = lam * L_y + (1 - lam) * L_z. With lam = 1 there is no teacher and no regressor, with
     lam = 0 no decoder: the branches are not built, so they cannot cost time or memory.
     The regressor gets no extra positional embedding: its input tokens already carry one.
+    decoder_input="regressor" chains the branches instead (the paper's Fig. 1 text: "the decoder
+    maps the predicted noisy patch features back to the original image"; CAE's layout): the decoder
+    reads the regressor's predicted teacher tokens, not the student's.
     """
 
     def __init__(self, encoder, *, decoder_dim=256, decoder_depth=4, regressor_depth=2,
                  noise_ratio=0.9, noise_std=1.0, noise_mode="add", lam=0.6, norm_pix=False,
-                 per_token_cos=False, target="final", target_blocks=1):
+                 per_token_cos=False, target="final", target_blocks=1, decoder_input="encoder"):
         super().__init__()
         assert 0.0 <= lam <= 1.0 and noise_mode in ("add", "replace") and target in TEACHER_TARGETS
+        assert decoder_input == "encoder" or 0 < lam < 1, "decoder_input='regressor' needs both branches"
+        self.decoder_input = decoder_input
         assert 1 <= target_blocks <= encoder.depth, f"target_blocks {target_blocks} not in 1..{encoder.depth}"
         self.encoder = encoder
         self.lam, self.noise_std, self.noise_mode = lam, noise_std, noise_mode
@@ -455,24 +467,30 @@ class DSMAE(nn.Module):
         return torch.where(m, noisy, imgs)
 
     def forward(self, imgs):
+        ## DS-MAE: corrupt most patches with noise (the student still sees every patch), then
+        ## learn twice from the same student tokens: the decoder restores the clean pixels (local
+        ## detail), the regressor predicts what the teacher sees on the clean image (context).
         enc, B = self.encoder, imgs.shape[0]
         idx, _ = random_subset(B, enc.grid ** 2, self.num_noised, imgs.device)
         noisy = self.add_noise(imgs, idx)
         zn = gather_tokens(enc.forward_features(noisy)[:, 1:], idx)        # (B, M, D) student
         parts = dict(idx=idx, input=noisy)
         loss_y = loss_z = 0.0
+        zr = self.regressor(zn) if self.regressor is not None else None    # (B, M, D) predicted teacher tokens
         if self.decoder is not None:
-            pred = self.decoder(self.decoder.decoder_embed(zn), pos=idx)     # (B, M, P)
+            zd = zr if self.decoder_input == "regressor" else zn
+            pred = self.decoder(self.decoder.decoder_embed(zd), pos=idx)     # (B, M, P)
             target = gather_tokens(patchify(imgs, enc.patch_size), idx)
             loss_y = pixel_loss(pred, target, self.norm_pix)
             parts.update(loss_y=loss_y.detach(), pred=pred.detach())
         if self.teacher is not None:
+            ## no gradient into the teacher: the target is fixed for this step, as in BYOL and data2vec
             with torch.no_grad():
                 t = self.teacher.module
                 z, hidden = t.encode(t.embed(imgs), keep=self.target_blocks)
                 zt = teacher_target(z[:, 1:], [h[:, 1:] for h in hidden], self.target)
                 zt = gather_tokens(zt, idx)                                  # (B, M, D)
-            loss_z = cosine_loss(self.regressor(zn), zt, self.per_token_cos)
+            loss_z = cosine_loss(zr, zt, self.per_token_cos)
             parts.update(loss_z=loss_z.detach())
         loss = self.lam * loss_y + (1 - self.lam) * loss_z
         return loss, parts
@@ -624,6 +642,9 @@ def read_log(path):
 def knn_predict(train_feats, train_labels, test_feats, num_classes, k=20, T=0.07, chunk=512):
     """Weighted k-NN on cosine similarity, as in DINO: each of the k nearest training samples
     votes for its class with weight exp(similarity / T). Returns (n_test,) predicted labels."""
+    ## no training at all: a test image takes the label its nearest training images vote for.
+    ## If images of a class sit close together in feature space, the features already "know" the
+    ## class: the cheapest test of a representation, run during pretraining as a monitor
     assert train_labels is not None and (train_labels >= 0).all(), "k-NN needs labelled training features"
     train = F.normalize(train_feats.float(), dim=1)
     test = F.normalize(test_feats.float(), dim=1)

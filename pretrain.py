@@ -94,6 +94,8 @@ def get_args(argv=None):
     p.add_argument("--target", default="final", choices=TEACHER_TARGETS, help="DS-MAE: what the regressor predicts "
                    "(models.teacher_target): the teacher's final tokens, centred, LayerNorm'd, or data2vec's average")
     p.add_argument("--target-blocks", type=int, default=1, help="DS-MAE --target avg: how many last teacher blocks")
+    p.add_argument("--decoder-input", default="encoder", choices=["encoder", "regressor"], help="DS-MAE: the "
+                   "decoder reads the student's tokens (SPEC), or the regressor's predicted teacher tokens (CAE)")
     p.add_argument("--mask-ratio", type=float, default=0.75, help="MAE: fraction of patches masked (0.9 for X-rays)")
     p.add_argument("--norm-pix", action="store_true", help="pixel targets normalised per patch (MAE's norm_pix_loss)")
     p.add_argument("--decoder-dim", type=int)
@@ -189,7 +191,7 @@ def build_model(args, in_chans):
     return DSMAE(encoder, decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
                  regressor_depth=args.regressor_depth, noise_ratio=args.noise_ratio, noise_std=args.noise_std,
                  noise_mode=args.noise_mode, lam=args.lam, norm_pix=args.norm_pix, per_token_cos=args.per_token_cos,
-                 target=args.target, target_blocks=args.target_blocks)
+                 target=args.target, target_blocks=args.target_blocks, decoder_input=args.decoder_input)
 
 
 def checkpoint_state(raw_model, opt, step, steps_per_epoch, args, train_set):

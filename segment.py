@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 import data
 from models import (UNet, bf16_is_fast, dice_iou, fill_holes, keep_largest_components, label_components,
-                    param_groups, read_checkpoint, resolve_device, save_checkpoint, seg_loss)
+                    param_groups, plot_curves, read_checkpoint, read_log, resolve_device, save_checkpoint, seg_loss)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -329,6 +329,8 @@ def train(args):
         if improved:
             save_checkpoint(state(), os.path.join(out_dir, "best.pt"))
         t_saved = time.time()
+    if os.path.exists(os.path.join(out_dir, "log.jsonl")):      # the run's curves: loss, lr, val Dice and IoU
+        plot_curves({os.path.basename(os.path.normpath(out_dir)): read_log(out_dir)}, os.path.join(out_dir, "curves.png"))
     return dict(stats, step=step, best=best, out_dir=out_dir)
 
 

@@ -255,6 +255,16 @@ def test_resume_skips_finished_stages_and_trials(tmp_path, monkeypatch):
         curriculum.main(tiny_run(path, tmp_path / "run", *vit, "--stages", "rotation", "--cls-epochs", "3"))
     model, meta = load_classifier(res["checkpoint"])
     assert meta["kind"] == "vit" and meta["classes"] == ["r", "g", "b", "y"]
+    # a stage written before a flag existed is reused while the new flag is at its default
+    final = tmp_path / "run" / "rotation" / "final.pt"
+    done = torch.load(final, weights_only=True)
+    del done["config"]["proj_dim"]
+    torch.save(done, final)
+    calls.clear()
+    curriculum.main(tiny_run(path, tmp_path / "run", *vit, "--stages", "rotation"))
+    assert not any(n.startswith("rotation") for n, _ in calls)
+    with pytest.raises(SystemExit, match="proj_dim"):
+        curriculum.main(tiny_run(path, tmp_path / "run", *vit, "--stages", "rotation", "--proj-dim", "64"))
 
 
 def test_results_rows_keep_the_files_columns(tmp_path):

@@ -319,3 +319,24 @@ def test_momentum_scaled_to_the_batch_by_hand():
         assert ema_momentum(step, 100, 0.96, 0.99, 128, 2048) ** 16 == pytest.approx(m, abs=1e-12)
     assert ema_momentum(100, 100, 0.96, 0.99, 128, 2048) == pytest.approx(0.999372, abs=1e-6)
     assert ema_momentum(5, 100, batch=128, ref_batch=0) == ema_momentum(5, 100)   # 0: as given
+
+
+@pytest.mark.parametrize("decoder_input", ["encoder", "regressor"])
+def test_decoder_reads_the_chosen_tokens(decoder_input):
+    """The decoder's input is the student's noised tokens, or the regressor's output; the pixel loss
+    alone reaches the regressor exactly in the second case."""
+    m = DSMAE(vit(), decoder_dim=32, decoder_depth=1, decoder_input=decoder_input)
+    seen = {}
+    m.decoder.decoder_embed.register_forward_hook(lambda mod, args, out: seen.setdefault("x", args[0]))
+    x = torch.randn(2, 3, 16, 16)
+    torch.manual_seed(2)
+    m(x)
+    torch.manual_seed(2)                                   # the same noise again, by hand
+    idx, _ = models.random_subset(2, 16, m.num_noised, x.device)
+    zn = models.gather_tokens(m.encoder.forward_features(m.add_noise(x, idx))[:, 1:], idx)
+    want = m.regressor(zn) if decoder_input == "regressor" else zn
+    assert torch.allclose(seen["x"], want, atol=1e-6)
+    pred = m.decoder(m.decoder.decoder_embed(want), pos=idx)
+    loss_y = models.pixel_loss(pred, models.gather_tokens(patchify(x, 4), idx))
+    grads = torch.autograd.grad(loss_y, list(m.regressor.parameters()), allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads) == (decoder_input == "regressor")
