@@ -415,7 +415,7 @@ def main(args):
     device = models.resolve_device(args.device)
     names = args.name or [os.path.basename(os.path.dirname(os.path.abspath(c))) for c in args.checkpoint]
     if len(names) != len(args.checkpoint):
-        raise SystemExit(f"{len(names)} --name for {len(args.checkpoint)} --checkpoint")
+        raise SystemExit(f"error: {len(names)} --name for {len(args.checkpoint)} --checkpoint")
     if len(set(names)) < len(names):                     # two best.pt in one folder, say
         names = [f"{n}_{os.path.splitext(os.path.basename(c))[0]}" for n, c in zip(names, args.checkpoint)]
     os.makedirs(args.output_dir, exist_ok=True)
@@ -423,13 +423,13 @@ def main(args):
     for path, name in zip(args.checkpoint, names):
         # ---- model: any classifier this project writes, in eval mode
         if not os.path.isfile(path):
-            raise SystemExit(f"--checkpoint {path}: no such file")
+            raise SystemExit(f"error: --checkpoint {path}: no such file")
         try:
             model, meta = models.load_classifier(path, device)
         except ValueError as e:
             raise SystemExit(f"error: {e}")
         if args.method == "attention" and meta["kind"] != "vit":
-            raise SystemExit(f"--method attention needs a ViT; {path} holds a {meta['kind']}")
+            raise SystemExit(f"error: --method attention needs a ViT; {path} holds a {meta['kind']}")
         saved = models.read_checkpoint(path).get("args") or {}
         variant = args.variant or saved.get("variant") or "full"
 

@@ -487,7 +487,7 @@ def train_epochs(task, opt, ds, lr, e0, e1, epochs, batch_size, seed, device, am
     and masks depend only on (seed, step): every lr of a grid sees the same views."""
     steps = len(ds) // batch_size
     if steps == 0:
-        raise SystemExit(f"{len(ds)} training images are fewer than one batch of {batch_size}")
+        raise SystemExit(f"error: {len(ds)} training images are fewer than one batch of {batch_size}")
     total, warmup = epochs * steps, max(1, epochs * steps // 20)
     loss = float("nan")
     task.train()
@@ -511,7 +511,7 @@ def train_epochs(task, opt, ds, lr, e0, e1, epochs, batch_size, seed, device, am
             sums += l.detach()
         loss = sums.item() / steps
         if not math.isfinite(loss):
-            raise SystemExit(f"{desc}: loss is {loss} in epoch {epoch + 1}; lower the learning rate")
+            raise SystemExit(f"error: {desc}: loss is {loss} in epoch {epoch + 1}; lower the learning rate")
     return loss
 
 
@@ -567,7 +567,7 @@ def check_config(saved, wanted, path):
     was = lambda k: saved.get(k, defaults.get(k))
     diff = {k: (was(k), v) for k, v in wanted.items() if was(k) != v}
     if diff:
-        raise SystemExit(f"{path} was made with other settings ({diff}, saved vs now); choose another --output-dir")
+        raise SystemExit(f"error: {path} was made with other settings ({diff}, saved vs now); choose another --output-dir")
 
 
 def stage_settings(name, args):
@@ -707,9 +707,9 @@ def main(args):
     stages = [s for s in args.stages.split(",") if s]
     for s in stages:
         if s not in PRETEXT:
-            raise SystemExit(f"unknown stage {s!r}; choose from {', '.join(PRETEXT)}")
+            raise SystemExit(f"error: unknown stage {s!r}; choose from {', '.join(PRETEXT)}")
         if s in ("mae", "dsmae") and args.backbone in RESNETS:     # before any stage has trained
-            raise SystemExit(f"stage {s} needs a ViT backbone (--backbone vit_*), not {args.backbone}")
+            raise SystemExit(f"error: stage {s} needs a ViT backbone (--backbone vit_*), not {args.backbone}")
     names = stages + ["classify"]
     out_dir = args.output_dir or os.path.join("runs", f"curriculum_{args.dataset}_{args.variant}_{args.backbone}")
     results = args.results or os.path.join(out_dir, "results.csv")
@@ -727,7 +727,7 @@ def main(args):
         dim, bcfg = backbone.out_dim, dict(arch=args.backbone, in_chans=in_chans, img_size=args.img_size)
     else:
         if args.img_size % args.patch_size:
-            raise SystemExit(f"--img-size {args.img_size} is not divisible by --patch-size {args.patch_size}")
+            raise SystemExit(f"error: --img-size {args.img_size} is not divisible by --patch-size {args.patch_size}")
         backbone = ViT(img_size=args.img_size, patch_size=args.patch_size, in_chans=in_chans, **MODELS[args.backbone])
         dim, bcfg = backbone.embed_dim, backbone.config()
     backbone.to(device)

@@ -215,7 +215,7 @@ def main(args):
 
     # ---- model: the pretrained encoder (or a fresh one at the dataset's geometry)
     if args.checkpoint and not os.path.isfile(args.checkpoint):
-        raise SystemExit(f"--checkpoint {args.checkpoint}: no such file")
+        raise SystemExit(f"error: --checkpoint {args.checkpoint}: no such file")
     model_name, img_size, patch_size = (None, None, None) if args.checkpoint else data.GEOMETRY[args.dataset]
     torch.manual_seed(args.seed)
     try:
@@ -247,7 +247,7 @@ def main(args):
                             fused=True)
     steps_per_epoch = len(train) // args.batch_size
     if steps_per_epoch == 0:
-        raise SystemExit(f"{len(train)} training images are fewer than one batch of {args.batch_size}")
+        raise SystemExit(f"error: {len(train)} training images are fewer than one batch of {args.batch_size}")
     total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     say(f"finetune {tag} on {args.dataset} ({len(train)} train, {len(test)} test, {num_classes} classes) | "
         f"{encoder.img_size}px, patch {encoder.patch_size} | {device} x {world} | {precision}")
@@ -305,8 +305,10 @@ def main(args):
             loss_sum /= world
         train_loss = loss_sum.item() / max(n_sum, 1)
         if not math.isfinite(train_loss):
-            raise SystemExit(f"loss is {train_loss} in epoch {epoch + 1}: stopping; the last good checkpoint in "
-                             f"{out_dir} is untouched")
+            ckpt = os.path.join(out_dir, "ckpt.pt")
+            kept = f"{ckpt} is untouched" if os.path.exists(ckpt) else "no checkpoint was written"
+            raise SystemExit(f"error: loss is {train_loss} in epoch {epoch + 1}: stopping; {kept}. Lower --blr, or "
+                             f"try --precision fp32 or --clip-grad 1")
         if master:
             stats, best = end_of_epoch(raw_model, opt, step, epoch, train_loss, lr_now, t0, best, (train, test, val),
                                        args, out_dir, amp)

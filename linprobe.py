@@ -94,7 +94,7 @@ def main(args):
 
     # ---- frozen encoder: geometry from the checkpoint, else per dataset (the random-init baseline)
     if args.checkpoint and not os.path.isfile(args.checkpoint):
-        raise SystemExit(f"--checkpoint {args.checkpoint}: no such file")
+        raise SystemExit(f"error: --checkpoint {args.checkpoint}: no such file")
     model, img_size, patch_size = data.GEOMETRY[args.dataset]
     if args.checkpoint:
         model = img_size = patch_size = None

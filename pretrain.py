@@ -161,7 +161,7 @@ def resume(raw_model, opt, path, explicit, say):
     """Load a checkpoint into the model and the optimiser; the step to continue from (0: none yet)."""
     if not os.path.exists(path):
         if explicit:
-            raise SystemExit(f"--resume {path}: no such file")
+            raise SystemExit(f"error: --resume {path}: no such file")
         return 0
     try:
         ckpt = read_checkpoint(path)

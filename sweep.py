@@ -86,7 +86,7 @@ def main(args, extra):
     if args.show:
         return show(args.results)
     if not os.path.isfile(args.data):
-        raise SystemExit(f"--data {args.data}: no such file (an npz with x (N, H, W, C) uint8 and y)")
+        raise SystemExit(f"error: --data {args.data}: no such file (an npz with x (N, H, W, C) uint8 and y)")
     out = os.path.join(ROOT, "runs", "sweep", f"{args.name}_e{args.epochs}_s{args.seed}")
     os.makedirs(out, exist_ok=True)
     row = dict(name=args.name, flags=extra, epochs=args.epochs, seed=args.seed, seconds=None, img_per_s=None,
