@@ -136,9 +136,20 @@ def resume(raw_model, opt, path, explicit):
     return ckpt["step"], ckpt["best"]
 
 
-def load_data(args, img_size, in_chans):
+def build_encoder(args, model_name, img_size, patch_size, in_chans=None):
+    torch.manual_seed(args.seed)
+    try:
+        return load_encoder(args.checkpoint, args.checkpoint_key, model=args.model or model_name,
+                            img_size=args.img_size or img_size, patch_size=args.patch_size or patch_size,
+                            in_chans=in_chans, drop_path=args.drop_path,
+                            global_pool="token" if args.pool == "cls" else "avg")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+
+
+def load_data(args, img_size):
     """Labelled train and test splits (and val where the dataset has one: best.pt is chosen on it,
-    so test stays unseen), checked against the encoder."""
+    so test stays unseen)."""
     try:
         train = data.load_split(args, "train", img_size, args.download)
         test = data.load_split(args, "test", img_size)
@@ -148,8 +159,6 @@ def load_data(args, img_size, in_chans):
     if train.y is None or test.y is None or len(test) == 0:
         raise SystemExit(f"error: {args.dataset} has no labels (or no test images) here; fine-tuning needs a labelled "
                          f"train and test split")
-    if train.x.shape[1] != in_chans:
-        raise SystemExit(f"error: the encoder takes {in_chans} channels, {args.dataset} has {train.x.shape[1]}")
     top = int(max(train.y.max(), test.y.max()))
     if top >= len(train.classes):
         raise SystemExit(f"error: labels go up to {top} but {args.dataset} names {len(train.classes)} classes")
@@ -213,20 +222,17 @@ def main(args):
     ddp, master, cuda = "RANK" in os.environ, rank == 0, device.type == "cuda"
     say = print if master else (lambda *a, **k: None)
 
-    # ---- model: the pretrained encoder (or a fresh one at the dataset's geometry)
+    # ---- model and data: a pretrained encoder sets the image size the data is read at; a fresh one
+    # (no --checkpoint) takes the dataset's geometry and as many channels as the images have
     if args.checkpoint and not os.path.isfile(args.checkpoint):
         raise SystemExit(f"error: --checkpoint {args.checkpoint}: no such file")
     model_name, img_size, patch_size = (None, None, None) if args.checkpoint else data.GEOMETRY[args.dataset]
-    torch.manual_seed(args.seed)
-    try:
-        encoder = load_encoder(args.checkpoint, args.checkpoint_key, model=args.model or model_name,
-                               img_size=args.img_size or img_size, patch_size=args.patch_size or patch_size,
-                               drop_path=args.drop_path, global_pool="token" if args.pool == "cls" else "avg")
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
-
-    # ---- data: labelled splits at the encoder's image size; then the head, sized by the classes
-    train, test, val = load_data(args, encoder.img_size, encoder.in_chans)
+    encoder = build_encoder(args, model_name, img_size, patch_size) if args.checkpoint else None
+    train, test, val = load_data(args, encoder.img_size if encoder else args.img_size or img_size)
+    if encoder is None:
+        encoder = build_encoder(args, model_name, img_size, patch_size, in_chans=train.x.shape[1])
+    if train.x.shape[1] != encoder.in_chans:
+        raise SystemExit(f"error: the encoder takes {encoder.in_chans} channels, {args.dataset} has {train.x.shape[1]}")
     num_classes = len(train.classes)
     encoder.head = nn.Linear(encoder.embed_dim, num_classes)
     nn.init.trunc_normal_(encoder.head.weight, std=2e-5)          # MAE: a near-zero head at start
