@@ -304,7 +304,7 @@ class MAE(nn.Module):
     """Masked autoencoder (He et al. 2022): encode a random (1 - mask_ratio) of the patches,
     decode all of them with mask tokens in the gaps, MSE on the masked ones."""
 
-    def __init__(self, encoder, *, decoder_dim=256, decoder_depth=4, mask_ratio=0.75, norm_pix=False):
+    def __init__(self, encoder, *, decoder_dim=256, decoder_depth=4, mask_ratio=0.75, norm_pix=True):
         super().__init__()
         self.encoder = encoder
         self.mask_ratio, self.norm_pix = mask_ratio, norm_pix
@@ -434,7 +434,7 @@ class DSMAE(nn.Module):
     """
 
     def __init__(self, encoder, *, decoder_dim=256, decoder_depth=4, regressor_depth=2,
-                 noise_ratio=0.9, noise_std=1.0, noise_mode="add", lam=0.6, norm_pix=False,
+                 noise_ratio=0.9, noise_std=1.0, noise_mode="add", lam=0.6, norm_pix=True,
                  per_token_cos=False, target="final", target_blocks=1, decoder_input="encoder"):
         super().__init__()
         assert 0.0 <= lam <= 1.0 and noise_mode in ("add", "replace") and target in TEACHER_TARGETS

@@ -97,7 +97,9 @@ def get_args(argv=None):
     p.add_argument("--decoder-input", default="encoder", choices=["encoder", "regressor"], help="DS-MAE: the "
                    "decoder reads the student's tokens (SPEC), or the regressor's predicted teacher tokens (CAE)")
     p.add_argument("--mask-ratio", type=float, default=0.75, help="MAE: fraction of patches masked (0.9 for X-rays)")
-    p.add_argument("--norm-pix", action="store_true", help="pixel targets normalised per patch (MAE's norm_pix_loss)")
+    p.add_argument("--norm-pix", action=argparse.BooleanOptionalAction, default=True, help="pixel targets "
+                   "normalised per patch (MAE's norm_pix_loss; the best measured for both methods, see the README's "
+                   "DS-MAE sweep); --no-norm-pix: the normalised pixels themselves")
     p.add_argument("--decoder-dim", type=int)
     p.add_argument("--decoder-depth", type=int)
     p.add_argument("--regressor-depth", type=int, default=2)
