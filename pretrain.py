@@ -281,6 +281,31 @@ def load_data(args):
     return train_set, knn_sets, steps_per_epoch
 
 
+def read_losses(sums, n, ddp, world, step, ckpt_file, saved_step):
+    """The losses averaged since the epoch began, over the ranks too: the loop's only host
+    synchronisation, every log_every steps. A non-finite loss stops the run, saying what survives."""
+    avg = sums / n
+    if ddp:
+        dist.all_reduce(avg)
+        avg /= world
+    loss = avg[0].item()
+    if not math.isfinite(loss):
+        kept = f"{ckpt_file} (step {saved_step}) is untouched" if saved_step else "no checkpoint was written"
+        raise SystemExit(f"error: loss is {loss} at step {step}: stopping; {kept}. Lower --blr, or try "
+                         f"--precision fp32 or --clip-grad 1")
+    return avg
+
+
+def finish(out_dir, master, ddp):
+    """The run's curves.png, a panel per logged number; then the ranks part."""
+    if master and os.path.exists(os.path.join(out_dir, "log.jsonl")):
+        plot_curves({os.path.basename(os.path.normpath(out_dir)): read_log(out_dir)},
+                    os.path.join(out_dir, "curves.png"))
+    if ddp:
+        dist.barrier()                                 # rank 0 may still be writing
+        dist.destroy_process_group()
+
+
 def main(args):
     # ---- setup: devices, DDP (torchrun), precision
     device, rank, world, amp, precision = setup(args)
@@ -371,16 +396,8 @@ def main(args):
             steps_log += 1
             bar.update(1)
             if step % args.log_every == 0 or step >= max_steps or step % steps_per_epoch == 0:
-                # the only host synchronisation: read the losses every log_every steps
-                avg = sums / n_sum
-                if ddp:
-                    dist.all_reduce(avg)
-                    avg /= world
+                avg = read_losses(sums, n_sum, ddp, world, step, ckpt_file, saved_step)
                 loss_now = avg[0].item()
-                if not math.isfinite(loss_now):
-                    kept = f"{ckpt_file} (step {saved_step}) is untouched" if saved_step else "no checkpoint was written"
-                    raise SystemExit(f"error: loss is {loss_now} at step {step}: stopping; {kept}. Lower --blr, or try "
-                                     f"--precision fp32 or --clip-grad 1")
                 bar.set_postfix_str(f"loss {loss_now:.4f} lr {lr_now:.2e} "
                                     f"{steps_log * eff_batch / (time.time() - t_log):.0f} img/s")
                 t_log, steps_log = time.time(), 0
@@ -408,12 +425,7 @@ def main(args):
             append_log(out_dir, stats)
             saved_step, t_saved = step, time.time()
 
-    if master and os.path.exists(os.path.join(out_dir, "log.jsonl")):    # the run's curves, a panel per number
-        plot_curves({os.path.basename(os.path.normpath(out_dir)): read_log(out_dir)},
-                    os.path.join(out_dir, "curves.png"))
-    if ddp:
-        dist.barrier()                                 # rank 0 may still be writing
-        dist.destroy_process_group()
+    finish(out_dir, master, ddp)
     return dict(stats, step=step, out_dir=out_dir)
 
 
