@@ -137,6 +137,7 @@ def resume(raw_model, opt, path, explicit):
 
 
 def build_encoder(args, model_name, img_size, patch_size, in_chans=None):
+    """The encoder to fine-tune: pretrained (--checkpoint) or fresh, seeded so every rank starts alike."""
     torch.manual_seed(args.seed)
     try:
         return load_encoder(args.checkpoint, args.checkpoint_key, model=args.model or model_name,

@@ -302,7 +302,8 @@ class Decoder(nn.Module):
 
 class MAE(nn.Module):
     """Masked autoencoder (He et al. 2022): encode a random (1 - mask_ratio) of the patches,
-    decode all of them with mask tokens in the gaps, MSE on the masked ones."""
+    decode all of them with mask tokens in the gaps, MSE on the masked ones (against per-patch
+    normalised pixels unless norm_pix=False: MAE's own default)."""
 
     def __init__(self, encoder, *, decoder_dim=256, decoder_depth=4, mask_ratio=0.75, norm_pix=True):
         super().__init__()
@@ -422,7 +423,8 @@ class DSMAE(nn.Module):
 
     The student encoder sees every patch, with Gaussian noise on a random noise_ratio of them.
     Only the tokens of the noised patches go on, to
-      - the decoder, which predicts their clean pixels (L_y, Eq. 1), and
+      - the decoder, which predicts their clean pixels (L_y, Eq. 1; each patch normalised by its own
+        mean and variance unless norm_pix=False, the one choice the README's sweep found to help), and
       - the regressor (2 blocks), which predicts the tokens an EMA teacher computes from the
         clean image at the same patches (L_z, Eq. 2; which tokens: teacher_target).
     L = lam * L_y + (1 - lam) * L_z. With lam = 1 there is no teacher and no regressor, with
