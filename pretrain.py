@@ -293,7 +293,7 @@ def read_losses(sums, n, ddp, world, step, ckpt_file, saved_step):
         kept = f"{ckpt_file} (step {saved_step}) is untouched" if saved_step else "no checkpoint was written"
         raise SystemExit(f"error: loss is {loss} at step {step}: stopping; {kept}. Lower --blr, or try "
                          f"--precision fp32 or --clip-grad 1")
-    return avg
+    return avg, loss
 
 
 def finish(out_dir, master, ddp):
@@ -396,8 +396,7 @@ def main(args):
             steps_log += 1
             bar.update(1)
             if step % args.log_every == 0 or step >= max_steps or step % steps_per_epoch == 0:
-                avg = read_losses(sums, n_sum, ddp, world, step, ckpt_file, saved_step)
-                loss_now = avg[0].item()
+                avg, loss_now = read_losses(sums, n_sum, ddp, world, step, ckpt_file, saved_step)
                 bar.set_postfix_str(f"loss {loss_now:.4f} lr {lr_now:.2e} "
                                     f"{steps_log * eff_batch / (time.time() - t_log):.0f} img/s")
                 t_log, steps_log = time.time(), 0
