@@ -1,6 +1,6 @@
 """Run the labs' commands as a student would and measure what the handouts say they will see.
 
-    python labs/measure.py                      # every lab, seeds 0 and 1 (hours on 2 CPU cores)
+    python labs/measure.py                      # every lab, seeds 0 and 1 (about 100 minutes on 2 CPU cores)
     python labs/measure.py --labs 1,3 --seeds 0,1,2
 
 Each handout (labs/lab*.md) holds its commands in ```bash blocks, written with $SEED, and a
