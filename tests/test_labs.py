@@ -96,7 +96,7 @@ def test_every_lab_command_runs_and_its_outputs_exist(path, tmp_path, monkeypatc
 def test_teaching_comments_strip_cleanly(tmp_path):
     """The `##` comments the labs point at are whole lines, so the sed line of labs/README.md removes
     them all and leaves code that runs: here it strips a copy of the scripts, which must then compile,
-    hold no `##` line, and still build and train a DS-MAE step from the stripped models.py."""
+    hold no `##` line, and run a DS-MAE forward and backward pass from the stripped models.py."""
     files = sorted(glob.glob(os.path.join(ROOT, "*.py")))
     for f in files:
         lines = open(f).read().splitlines()
