@@ -97,13 +97,11 @@ def test_teaching_comments_strip_cleanly(tmp_path):
     """The `##` comments the labs point at are whole lines, so the sed line of labs/README.md removes
     them all and leaves code that runs: here it strips a copy of the scripts, which must then compile,
     hold no `##` line, and run a DS-MAE forward and backward pass from the stripped models.py."""
-    files = sorted(glob.glob(os.path.join(ROOT, "*.py")))
-    for f in files:
+    for f in sorted(glob.glob(os.path.join(ROOT, "*.py"))):
         lines = open(f).read().splitlines()
         assert not [l for l in lines if "##" in l and not re.match(r"\s*##", l) and '"' not in l], f
-    sed = re.search(r"^(sed -i .*\*\.py)$", open(os.path.join(LABS_README)).read(), flags=re.M).group(1)
-    for f in files:
         shutil.copy(f, tmp_path)
+    sed = re.search(r"^(sed -i .*\*\.py)$", open(LABS_README).read(), flags=re.M).group(1)
     subprocess.run(sed, shell=True, cwd=tmp_path, check=True)
     for f in sorted(tmp_path.glob("*.py")):
         text = f.read_text()

@@ -9,7 +9,7 @@ import torch
 
 import pretrain
 from conftest import TINY_PRETRAIN
-from models import MODELS, ViT
+from models import DSMAE, MAE, MODELS, ViT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = TINY_PRETRAIN
@@ -179,7 +179,6 @@ def test_unknown_dataset_is_an_argument_error():
 def test_norm_pix_is_the_default_of_script_and_classes():
     """The sweep's one lever that helped (README, DS-MAE section) is the default everywhere a user
     can start from: the script's flag, and MAE/DSMAE built directly from models.py."""
-    from models import DSMAE, MAE
     assert pretrain.get_args([]).norm_pix and not pretrain.get_args(["--no-norm-pix"]).norm_pix
     enc = lambda: ViT(img_size=16, patch_size=4, **MODELS["vit_nano"])
     assert MAE(enc()).norm_pix and DSMAE(enc()).norm_pix
