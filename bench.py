@@ -51,7 +51,7 @@ OURS, PEERS = ("mae", "dsmae"), ("timm-mae", "lightly-mae", "timm-dsmae")
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = data.ArgumentParser(description=__doc__)
     p.add_argument("--config", default="C1", choices=CONFIGS)
     p.add_argument("--methods", default="mae,dsmae", help=f"any of {', '.join(OURS + PEERS)}")
     p.add_argument("--peers", action="store_true", help="add the three peers (fp32, needs timm and lightly)")
@@ -59,27 +59,28 @@ def get_args(argv=None):
     p.add_argument("--precision", default="auto",
                    help="ours: auto (bf16 where fast, as pretrain.py), bf16, fp32, or a list: bf16,fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile our models (not the peers)")
-    p.add_argument("--batch-size", type=int, default=None, help="override the configuration's batch")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per method (compiles there)")
-    p.add_argument("--steps", type=int, default=2, help="timed steps per method and round")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median counts")
-    p.add_argument("--log-every", type=int, default=20, help="steps between reading the loss (pretrain.py's)")
+    p.add_argument("--batch-size", type=data.POS_INT, default=None, help="override the configuration's batch")
+    p.add_argument("--warmup", type=data.NONNEG_INT, default=2, help="untimed steps per method (compiles there)")
+    p.add_argument("--steps", type=data.POS_INT, default=2, help="timed steps per method and round")
+    p.add_argument("--rounds", type=data.POS_INT, default=5, help="interleaved rounds; the median counts")
+    p.add_argument("--log-every", type=data.POS_INT, default=20, help="steps between reading the loss (pretrain.py's)")
     p.add_argument("--data-path", action="store_true",
                    help="also time our steps fed from uint8 images on the device through data.augment")
     p.add_argument("--memory", action="store_true", help="peak memory of each method, each in a fresh process, "
                    "and MAE at the batch that puts DS-MAE's number of tokens through its encoder")
     p.add_argument("--out", default=None, help="write the results here as JSON (and a .md table beside it)")
     p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--data-memory", default=None, metavar="N,N,...", help="host memory the training data takes "
+    p.add_argument("--data-memory", default=None, metavar="N,N,...", type=data.Number(int, "[1, inf)", items=True),
+                   help="host memory the training data takes "
                    "per rank under torchrun with N CPU processes each, one copy per machine (data.load_split) "
                    "against a private copy per rank (data.build_dataset in every rank, as before); with --dataset "
                    "and --data-dir")
     p.add_argument("--dataset", default="npz", choices=data.DATASETS)
     p.add_argument("--data-dir", default="data")
     p.add_argument("--split", default="train")
-    p.add_argument("--img-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--img-size", type=data.POS_INT, default=32)
+    p.add_argument("--seed", type=data.SEED, default=0)
+    p.add_argument("--num-workers", type=data.NONNEG_INT, default=4)
     p.add_argument("--data-memory-child", default=None, choices=["shared", "private"], help=argparse.SUPPRESS)
     data.add_data_args(p)
     return p.parse_args(argv)
@@ -367,7 +368,7 @@ def measure_data_memory(args):
     """Per rank, above what the process held before loading: peak RSS, RSS and PSS in MiB; and
     the machine's total (sum of PSS). One torchrun per (mode, N)."""
     results = []
-    for n in [int(v) for v in args.data_memory.split(",")]:
+    for n in args.data_memory:
         for mode in ("private", "shared"):
             i = sys.argv.index("--data-memory")                # the same flags, less --data-memory N,...
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),

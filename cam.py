@@ -45,13 +45,21 @@ import data
 import models
 
 
+def target_class(s):
+    """--target: pred, true, or a class index (whether the model has that class is checked once it is loaded)."""
+    try:
+        return s if s in ("pred", "true") else str(data.NONNEG_INT(s))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{s} is not pred, true or a class index (an integer >= 0)") from None
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = data.ArgumentParser(description=__doc__)
     p.add_argument("--checkpoint", action="append", required=True,
                    help="classifier checkpoint (finetune.py, curriculum.py); repeat to compare models")
     p.add_argument("--name", action="append", default=None, help="one per --checkpoint (default: its folder)")
     p.add_argument("--method", default="gradcam", choices=["cam", "gradcam", "attention"])
-    p.add_argument("--target", default="pred", help="pred (default), true, or a class index")
+    p.add_argument("--target", default="pred", type=target_class, help="pred (default), true, or a class index")
     p.add_argument("--layer", default=None, help="dotted module name whose output to use (default: see above)")
     p.add_argument("--dataset", default="synthetic", choices=data.DATASETS)
     p.add_argument("--data-dir", default="data")
@@ -59,14 +67,17 @@ def get_args(argv=None):
     p.add_argument("--split", default="test")
     p.add_argument("--output-dir", default="runs/cam")
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--img-size", type=int, default=None, help="default: the checkpoint's")
-    p.add_argument("--seed", type=int, default=0, help="seed of the dataset's split")
-    p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument("--max-images", type=int, default=0, help="only the first N images of the split (0: all)")
-    p.add_argument("--panels", type=int, default=-1, help="write panels for the first N images (-1: all)")
-    p.add_argument("--grid", type=int, default=16, help="images in each model's grid.png")
-    p.add_argument("--panel-size", type=int, default=192, help="pixels per tile in the panels")
+    p.add_argument("--batch-size", type=data.POS_INT, default=64)
+    p.add_argument("--img-size", type=data.POS_INT, default=None, help="default: the checkpoint's")
+    p.add_argument("--seed", type=data.SEED, default=0, help="seed of the dataset's split")
+    p.add_argument("--num-workers", type=data.NONNEG_INT, default=4)
+    p.add_argument("--max-images", type=data.NONNEG_INT, default=0, help="only the first N images of the split (0: "
+                   "all)")
+    p.add_argument("--panels", type=data.Number(int, "[-1, inf)"), default=-1, help="write panels for the first N "
+                   "images (-1: all)")
+    p.add_argument("--grid", type=data.NONNEG_INT, default=16, help="images in each model's grid.png")
+    p.add_argument("--panel-size", type=data.Number(int, "[32, inf)"), default=192, help="pixels per tile in the "
+                   "panels")
     data.add_data_args(p)
     p.set_defaults(variant=None)              # None: each checkpoint's own training variant
     return p.parse_args(argv)

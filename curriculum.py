@@ -37,38 +37,41 @@ from models import (DSMAE, EMA, MAE, MODELS, RESNETS, ViT, bf16_is_fast, build_r
                     extract_features, knn_predict, param_groups, per_class_accuracy, resolve_device, save_checkpoint)
 
 PRETEXT = ("rotation", "relloc", "moco", "swav", "simclr", "byol", "dino", "mae", "dsmae")
+LR_GRID = data.Number(float, "[0, inf)", items=True)      # 0: a control that cannot learn
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = data.ArgumentParser(description=__doc__)
     p.add_argument("--dataset", default="synthetic", choices=data.DATASETS)
     p.add_argument("--data-dir", default="data")
     p.add_argument("--download", action="store_true")
     p.add_argument("--output-dir", default=None, help="default: runs/curriculum_<dataset>_<variant>_<backbone>")
-    p.add_argument("--results", default=None, help="CSV the run's row is appended to (default: <output-dir>/results.csv)")
+    p.add_argument("--results", default=None, help="CSV the run's row is appended to (default: "
+                   "<output-dir>/results.csv)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=data.NONNEG_INT, default=4)
+    p.add_argument("--seed", type=data.SEED, default=0)
     p.add_argument("--backbone", default="resnet18", choices=RESNETS + tuple(MODELS),
                    help="torchvision ResNet (random init; CIFAR stem, 3x3 conv stride 1 and no max-pool, when "
                    "--img-size <= 64, ImageNet stem above) or a ViT of models.py")
-    p.add_argument("--img-size", type=int, default=32)
-    p.add_argument("--patch-size", type=int, default=4, help="ViT backbones only")
+    p.add_argument("--img-size", type=data.POS_INT, default=32)
+    p.add_argument("--patch-size", type=data.POS_INT, default=4, help="ViT backbones only")
     p.add_argument("--stages", default="rotation,relloc", help=f"comma-separated, in order, from {', '.join(PRETEXT)}")
-    p.add_argument("--batch-size", type=int, default=32, help="thesis (Table 4.3): rotation 16 (x4 angles), relloc "
-                   "32, MoCo 32, SwAV 8, classification 64")
-    p.add_argument("--epochs", type=int, default=30, help="pretext epochs per stage, lr search included (thesis 30)")
-    p.add_argument("--search-epochs", type=int, default=20, help="epochs of each lr trial (thesis 20)")
-    p.add_argument("--cls-epochs", type=int, default=150, help="classification epochs (thesis 150)")
-    p.add_argument("--cls-search-epochs", type=int, default=70, help="thesis 70")
-    p.add_argument("--cls-batch-size", type=int, default=64)
-    p.add_argument("--lr-grid", type=floats, default="0.01,0.058,0.106,0.155,0.203,0.25",
+    p.add_argument("--batch-size", type=data.Number(int, "[2, inf)"), default=32, help="thesis (Table 4.3): rotation "
+                   "16 (x4 angles), relloc 32, MoCo 32, SwAV 8, classification 64")
+    p.add_argument("--epochs", type=data.POS_INT, default=30, help="pretext epochs per stage, lr search included "
+                   "(thesis 30)")
+    p.add_argument("--search-epochs", type=data.POS_INT, default=20, help="epochs of each lr trial (thesis 20)")
+    p.add_argument("--cls-epochs", type=data.POS_INT, default=150, help="classification epochs (thesis 150)")
+    p.add_argument("--cls-search-epochs", type=data.POS_INT, default=70, help="thesis 70")
+    p.add_argument("--cls-batch-size", type=data.Number(int, "[2, inf)"), default=64)
+    p.add_argument("--lr-grid", type=LR_GRID, default="0.01,0.058,0.106,0.155,0.203,0.25",
                    help="SGD stages (thesis: these 6)")
-    p.add_argument("--lars-lr-grid", type=floats, default="0.3,0.6,1.2",
+    p.add_argument("--lars-lr-grid", type=LR_GRID, default="0.3,0.6,1.2",
                    help="LARS (SwAV): the step is lr * 0.001 * |w| / |g|")
-    p.add_argument("--adamw-lr-grid", type=floats, default="1.5e-4,5e-4,1.5e-3", help="AdamW (mae, dsmae)")
-    p.add_argument("--cls-lr-grid", type=floats, default=None, help="classification (default: --lr-grid)")
+    p.add_argument("--adamw-lr-grid", type=LR_GRID, default="1.5e-4,5e-4,1.5e-3", help="AdamW (mae, dsmae)")
+    p.add_argument("--cls-lr-grid", type=LR_GRID, default=None, help="classification (default: --lr-grid)")
     p.add_argument("--opt", default="auto", choices=["auto", "sgd", "lars", "adamw"],
                    help="auto: the thesis' Table 4.3 (SGD momentum 0.9, wd 1e-4; LARS for SwAV), AdamW for MAE")
     p.add_argument("--search-metric", default="task", choices=["task", "knn"],
@@ -76,37 +79,35 @@ def get_args(argv=None):
                    "the validation split, as the thesis; knn = k-NN accuracy of the backbone (needs labels)")
     p.add_argument("--cls-mode", default="finetune", choices=["finetune", "linear"],
                    help="finetune: linear head and whole backbone; linear: frozen backbone")
-    p.add_argument("--crop-scale", type=float, default=0.5, help="smallest random crop (0.5 for X-rays; thesis: "
-                   "random crop + flip for every task)")
+    p.add_argument("--crop-scale", type=data.Number(float, "(0, 1]"), default=0.5, help="smallest random crop (0.5 for "
+                   "X-rays; thesis: random crop + flip for every task)")
     p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True,
                    help="random horizontal flips in every stage's views; --no-hflip where left and right differ")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="without a val split (all but dicom): the last "
-                   "fraction of each class of train is held out as validation, deterministically")
-    p.add_argument("--max-train", type=int, default=0, help="use only this many training images, evenly spaced (0: all)")
-    p.add_argument("--max-val", type=int, default=0, help="likewise for the validation split")
+    p.add_argument("--val-fraction", type=data.Number(float, "(0, 1)"), default=0.1, help="without a val split (all "
+                   "but dicom): the last fraction of each class of train is held out as validation, deterministically")
+    p.add_argument("--max-train", type=data.NONNEG_INT, default=0, help="use only this many training images, evenly "
+                   "spaced (0: all)")
+    p.add_argument("--max-val", type=data.NONNEG_INT, default=0, help="likewise for the validation split")
     # pretext settings (paper values, except sizes scaled down for small data)
-    p.add_argument("--proj-dim", type=int, default=128, help="projection width (MoCo v2, SimCLR, SwAV, BYOL)")
-    p.add_argument("--temperature", type=float, default=0.2, help="InfoNCE (MoCo v2 0.2, SimCLR)")
-    p.add_argument("--moco-queue", type=int, default=4096, help="negatives, capped at half the training images")
-    p.add_argument("--ema", type=float, default=0.99, help="key / target / teacher momentum (MoCo constant; BYOL, "
-                   "DINO cosine to 1)")
-    p.add_argument("--prototypes", type=int, default=100, help="SwAV prototypes (3000 on ImageNet)")
-    p.add_argument("--swav-queue", type=int, default=8, help="SwAV feature queue, in batches (thesis: 8x)")
-    p.add_argument("--dino-dim", type=int, default=1024, help="DINO output dimension (65536 on ImageNet)")
-    p.add_argument("--relloc-gap", type=float, default=0.3, help="relloc: gap between patches as a fraction of a "
-                   "cell (a third of the image); jitter is up to a third of the gap")
-    p.add_argument("--mask-ratio", type=float, default=0.75, help="MAE (0.9 for X-rays)")
-    p.add_argument("--decoder-dim", type=int, default=128)
-    p.add_argument("--decoder-depth", type=int, default=2)
+    p.add_argument("--proj-dim", type=data.POS_INT, default=128, help="projection width (MoCo v2, SimCLR, SwAV, BYOL)")
+    p.add_argument("--temperature", type=data.POS, default=0.2, help="InfoNCE (MoCo v2 0.2, SimCLR)")
+    p.add_argument("--moco-queue", type=data.POS_INT, default=4096, help="negatives, capped at half the training "
+                   "images")
+    p.add_argument("--ema", type=data.Number(float, "[0, 1]"), default=0.99, help="key / target / teacher momentum "
+                   "(MoCo constant; BYOL, DINO cosine to 1)")
+    p.add_argument("--prototypes", type=data.POS_INT, default=100, help="SwAV prototypes (3000 on ImageNet)")
+    p.add_argument("--swav-queue", type=data.POS_INT, default=8, help="SwAV feature queue, in batches (thesis: 8x)")
+    p.add_argument("--dino-dim", type=data.POS_INT, default=1024, help="DINO output dimension (65536 on ImageNet)")
+    p.add_argument("--relloc-gap", type=data.Number(float, "[0, 1)"), default=0.3, help="relloc: gap between patches "
+                   "as a fraction of a cell (a third of the image); jitter is up to a third of the gap")
+    p.add_argument("--mask-ratio", type=data.Number(float, "(0, 1)"), default=0.75, help="MAE (0.9 for X-rays)")
+    p.add_argument("--decoder-dim", type=data.Number(int, "[4, inf)", multiple=4), default=128)
+    p.add_argument("--decoder-depth", type=data.POS_INT, default=2)
     data.add_data_args(p)
     return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------- small helpers
-
-def floats(s):
-    return [float(v) for v in s.split(",")]
-
 
 # the schedule is written out in each script on purpose, so a script copies with models.py and data.py
 def cosine_lr(step, total, warmup, base):
@@ -663,7 +664,11 @@ def load_data(args):
         val = train.subset(data.holdout_split(train.y, len(train), "test", args.val_fraction))
         train = train.subset(data.holdout_split(train.y, len(train), "train", args.val_fraction))
         source = f"last {args.val_fraction:g} of each class of train"
-    return train.first(args.max_train), val.first(args.max_val), test, source
+    val = val.first(args.max_val)
+    if len(val) < 2:                                    # the trials are scored on it, in batches of two or more
+        raise SystemExit(f"error: {len(val)} validation image(s) ({source}): the lr search needs 2 or more; raise "
+                         f"--val-fraction or --max-val")
+    return train.first(args.max_train), val, test, source
 
 
 def append_row(path, row):
@@ -710,6 +715,14 @@ def main(args):
             raise SystemExit(f"error: unknown stage {s!r}; choose from {', '.join(PRETEXT)}")
         if s in ("mae", "dsmae") and args.backbone in RESNETS:     # before any stage has trained
             raise SystemExit(f"error: stage {s} needs a ViT backbone (--backbone vit_*), not {args.backbone}")
+    cell, gap = args.img_size // 3, max(3, round(args.relloc_gap * (args.img_size // 3)))      # as RelLoc draws them
+    if "relloc" in stages and cell <= gap:
+        raise SystemExit(f"error: relloc at --img-size {args.img_size}: cells of {cell} px leave no patch beside a "
+                         f"gap of {gap} px; use a larger --img-size (12 or more) or a smaller --relloc-gap")
+    n = (args.img_size // args.patch_size) ** 2
+    if "mae" in stages and not 0 < round(args.mask_ratio * n) < n:
+        raise SystemExit(f"error: --mask-ratio {args.mask_ratio} masks {round(args.mask_ratio * n)} of the {n} patches: "
+                         f"it must leave some to encode and some to predict")
     names = stages + ["classify"]
     out_dir = args.output_dir or os.path.join("runs", f"curriculum_{args.dataset}_{args.variant}_{args.backbone}")
     results = args.results or os.path.join(out_dir, "results.csv")

@@ -18,6 +18,8 @@ Unlabelled images (STL-10 unlabeled, an npz without y) have y = None, so that no
 train a classifier or a k-NN on them by accident.
 """
 import argparse
+import copy
+import math
 import os
 import pickle
 from concurrent.futures import ThreadPoolExecutor
@@ -188,6 +190,98 @@ def holdout_split(y, n, split, fraction=0.1):
         n_test = int(round(fraction * len(g)))
         keep.append(g[len(g) - n_test:] if split == "test" else g[:len(g) - n_test])
     return torch.cat(keep).sort().values
+
+
+def check_labels(y, n, num_classes, source):
+    """Labels a classifier can use, as int64: one per image (n), whole numbers, 0 <= y < num_classes.
+    ValueError naming source, the first bad index and its value, so a file is fixed in one go."""
+    y = np.asarray(y)
+    if y.shape != (n,):
+        raise ValueError(f"{source} has shape {y.shape} but x holds {n} images; one label per image expected")
+    if y.dtype.kind not in "iub":
+        whole = np.isfinite(y) & (y == np.round(y)) if y.dtype.kind == "f" else np.zeros(n, bool)
+        if not whole.all():
+            i = int(np.argmin(whole))
+            raise ValueError(f"{source}: label {y[i]} at index {i} is not a whole number; labels are class indices")
+    bad = np.nonzero((y < 0) | (y >= num_classes))[0]
+    if len(bad):
+        raise ValueError(f"{source}: label {y[bad[0]]:g} at index {bad[0]} is outside 0..{num_classes - 1} "
+                         f"({num_classes} classes; {len(bad)} such label(s)); labels must be 0 <= y < the number of classes")
+    return torch.from_numpy(y.astype(np.int64))
+
+
+# ----------------------------------------------------------------------------- command line: ranges in the parser
+
+class Number:
+    """An argparse type for a number in an interval, written as in mathematics: Number(int, "[1, inf)"),
+    Number(float, "(0, 1]"); multiple=4 for widths the sin-cos table splits in four. nan and inf are
+    refused everywhere. items=True: a comma-separated list of such numbers, with count and total
+    when the list has a fixed length or sum (split fractions); text=True returns the text itself.
+    The interval is shown by --help (HelpFormatter) and in the one-line error argparse prints:
+    `argument --lam: 2 is not a number in [0, 1]`, exit code 2, before any work starts."""
+
+    def __init__(self, kind, interval, *, multiple=None, items=False, count=None, total=None, text=False):
+        self.kind, self.interval, self.multiple = kind, interval, multiple
+        self.items, self.count, self.total, self.text = items, count, total, text
+        lo, hi = (v.strip() for v in interval[1:-1].split(","))
+        self.lo, self.hi = float(lo), float(hi)
+        self.lo_open, self.hi_open = interval[0] == "(", interval[-1] == ")"
+        noun = ("integer" if kind is int else "number") + ("s" if items else "")
+        where = (f"> {lo}" if self.lo_open else f">= {lo}") if self.hi == math.inf else f"in {interval}"
+        self.range = (f"a list of {f'{count} ' if count else ''}" if items else "an " if kind is int else "a ") + \
+            f"{noun} {where}" + (f", a multiple of {multiple}" if multiple else "") + \
+            (f", summing to {total:g}" if total is not None else "")
+
+    def one(self, s):
+        try:
+            v = self.kind(s)
+        except ValueError:
+            v = math.nan
+        if not (math.isfinite(v) and (self.lo < v if self.lo_open else self.lo <= v) and (v < self.hi if self.hi_open
+                else v <= self.hi) and (not self.multiple or v % self.multiple == 0)):
+            raise argparse.ArgumentTypeError(f"{s} is not {self.range}")
+        return v
+
+    def __call__(self, s):
+        if not self.items:
+            return self.one(s)
+        try:
+            values = [self.one(v.strip()) for v in s.split(",")]
+        except argparse.ArgumentTypeError:
+            values = []
+        if not values or (self.count and len(values) != self.count) or \
+                (self.total is not None and abs(sum(values) - self.total) > 1e-6):
+            raise argparse.ArgumentTypeError(f"{s} is not {self.range}")
+        return s if self.text else values
+
+
+# the ranges most flags take
+POS_INT, NONNEG_INT = Number(int, "[1, inf)"), Number(int, "[0, inf)")        # sizes and counts; 0: off / all
+POS, NONNEG = Number(float, "(0, inf)"), Number(float, "[0, inf)")             # learning rates; decays, minutes
+SEED = Number(int, "[0, 1000000]")           # pretrain.py's per-step seeds stay inside torch's 64 bits
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help with the docstring as written, and after each flag's help its range (numbers) and default."""
+
+    def _format_action(self, action):
+        rng = getattr(action.type, "range", None)
+        if rng and action.help != argparse.SUPPRESS:
+            action = copy.copy(action)
+            action.help = f"{action.help}; {rng}" if action.help else rng
+        return super()._format_action(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with HelpFormatter, whose errors are one line (`pretrain.py: error: argument --lam: 2 is not a number
+    in [0, 1] (--help lists every flag)`, exit code 2), not under the whole usage (pretrain.py's is 30 lines)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n")
 
 
 # ----------------------------------------------------------------------------- one copy per machine under torchrun
@@ -368,11 +462,11 @@ def load_cifar(root, split, name, download=False):
         with open(p, "rb") as f:
             d = pickle.load(f, encoding="latin1")
         xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(d["labels"] if ten else d["fine_labels"], dtype=np.int64))
+        ys.append(check_labels(d["labels"] if ten else d["fine_labels"], len(xs[-1]), 10 if ten else 100, p))
     with open(os.path.join(base, "batches.meta" if ten else "meta"), "rb") as f:
         classes = pickle.load(f, encoding="latin1")["label_names" if ten else "fine_label_names"]
     mean, std = STATS[name]
-    return ImageSet(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)), classes, mean, std)
+    return ImageSet(torch.from_numpy(np.concatenate(xs)), torch.cat(ys), classes, mean, std)
 
 
 # ----------------------------------------------------------------------------- STL-10
@@ -396,8 +490,9 @@ def load_stl10(root, split, download=False):
         # split is 2.8 GB); images are stored column-major, hence the transposed view
         raw = np.memmap(os.path.join(base, f"{p}_X.bin"), dtype=np.uint8, mode="c")
         xs.append(torch.from_numpy(raw).view(-1, 3, 96, 96).transpose(2, 3))
-        if p != "unlabeled":
-            ys.append(torch.from_numpy(np.fromfile(os.path.join(base, f"{p}_y.bin"), dtype=np.uint8)).long() - 1)
+        if p != "unlabeled":                        # labels 1..10 on disk
+            f = os.path.join(base, f"{p}_y.bin")
+            ys.append(check_labels(np.fromfile(f, dtype=np.uint8).astype(np.int64) - 1, len(xs[-1]), 10, f))
     x = xs[0] if len(xs) == 1 else torch.cat(xs)
     y = ys[0] if split in ("train", "test") else None      # unlabeled images never carry a label
     names = os.path.join(base, "class_names.txt")
@@ -415,22 +510,24 @@ def load_npz(path, split):
                                 f"holding x (N, H, W, C) uint8 and optionally y (N,).")
     d = np.load(path)
     if "train_images" in d and "x" not in d:           # MedMNIST's layout (e.g. pneumoniamnist_28.npz)
-        d = {"x": d["train_images"], "y": d["train_labels"].reshape(-1), "x_test": d["test_images"],
-             "y_test": d["test_labels"].reshape(-1), **({"class_names": d["class_names"]} if "class_names" in d else {})}
+        flat = lambda a: a.reshape(-1) if a.ndim == 2 and a.shape[1] == 1 else a    # (N, 1) -> (N,); multi-label stays
+        d = {"x": d["train_images"], "y": flat(d["train_labels"]), "x_test": d["test_images"],
+             "y_test": flat(d["test_labels"]), **({"class_names": d["class_names"]} if "class_names" in d else {})}
     if "x" not in d:
         raise ValueError(f"{path} has no array 'x' (keys: {', '.join(d.files)})")
     key = "_test" if split == "test" and "x_test" in d else ""
-    x, y = d["x" + key], (torch.from_numpy(d["y" + key]).long() if "y" + key in d else None)
+    x = d["x" + key]
     if x.dtype != np.uint8 or x.ndim not in (3, 4):
         raise ValueError(f"{path}: x{key} must be uint8 (N, H, W, C) or (N, H, W), got {x.dtype} {x.shape}")
-    if y is not None and y.shape != (len(x),):
-        raise ValueError(f"{path}: y{key} has shape {tuple(y.shape)} but x{key} holds {len(x)} images; one label per "
-                         f"image expected")
+    # the classes: class_names, else up to the largest label of either split, so that train and test agree
+    labels = [np.asarray(d[k]) for k in ("y", "y_test") if k in d]
+    finite = [a[np.isfinite(a)] for a in labels if a.dtype.kind in "iubf"]
+    classes = [str(c) for c in d["class_names"]] if "class_names" in d else \
+        [str(c) for c in range(int(max((a.max() for a in finite if a.size), default=-1)) + 1)]
+    y = check_labels(d["y" + key], len(x), len(classes), f"{path}: y{key}") if "y" + key in d else None
     # (N, C, H, W) views of the file's (N, H, W, C) array: one copy at the end, of the chosen images only
     nchw = lambda a: torch.from_numpy(a if a.ndim == 4 else a[..., None]).permute(0, 3, 1, 2)
     x = nchw(x)
-    classes = [str(c) for c in d["class_names"]] if "class_names" in d else \
-        [str(c) for c in range(int(y.max()) + 1)] if y is not None else []
     if "x_test" not in d:
         # no test split in the file: hold out the last 10% of each class, statistics from the rest
         train = holdout_split(y, len(x), "train")
@@ -547,15 +644,16 @@ def add_data_args(p):
     g.add_argument("--label-column", default="label")
     g.add_argument("--split-column", default="split", help="used when the CSV has it; otherwise a seeded split "
                    "stratified by class with --split-fractions")
-    g.add_argument("--split-fractions", default="0.7,0.1,0.2", help="train,val,test")
+    g.add_argument("--split-fractions", default="0.7,0.1,0.2", help="train,val,test",
+                   type=Number(float, "[0, 1]", items=True, count=3, total=1, text=True))
     g.add_argument("--classes", default=None, help="comma-separated labels to keep (the thesis dropped two rare ones)")
     g.add_argument("--masks", default=None, help="folder of <id>.png lung masks, any nonzero pixel is lung")
     g.add_argument("--variant", default="full", choices=VARIANTS, help="full image, lungs on black, or lungs on "
                    "the full images' mean gray (needs --masks)")
     g.add_argument("--channels", type=int, default=1, choices=[1, 3], help="1 grey channel, or replicated to 3 "
                    "(for encoders pretrained on colour images)")
-    g.add_argument("--window-percentile", type=float, default=0.5, help="when a DICOM has no VOI LUT or window: "
-                   "window from this percentile to 100 minus it (0: min to max)")
+    g.add_argument("--window-percentile", type=Number(float, "[0, 50)"), default=0.5, help="when a DICOM has no "
+                   "VOI LUT or window: window from this percentile to 100 minus it (0: min to max)")
     g.add_argument("--keep-aspect", action=argparse.BooleanOptionalAction, default=True,
                    help="fit the longer side and pad with black, instead of stretching to a square")
     g.add_argument("--cache-dir", default=None, help="where the decoded uint8 cache goes (default: "
@@ -816,7 +914,11 @@ def read_label_csv(path, id_column, label_column, split_column):
                 raise ValueError(f"{path} has no column {c!r} (columns: {', '.join(cols)}); set --id-column / "
                                  f"--label-column")
         rows = {}
-        for r in reader:
+        for line, r in enumerate(reader, 2):                    # line 1 is the header
+            if not (r[id_column] or "").strip() or not (r[label_column] or "").strip():
+                raise ValueError(f"{path}: line {line} has no {'id' if not (r[id_column] or '').strip() else 'label'} "
+                                 f"({id_column}={r[id_column]!r}, {label_column}={r[label_column]!r}); every row needs "
+                                 f"both, or leave the image out of the CSV")
             i = os.path.splitext(os.path.basename(r[id_column].strip()))[0]
             split = r[split_column].strip().lower() if split_column in cols else None
             if split is not None and split not in ("train", "val", "test"):

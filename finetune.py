@@ -37,58 +37,57 @@ DEFAULTS = {
 }
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
-
-
 def get_args(argv=None):
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = data.ArgumentParser(add_help=False)
     pre.add_argument("--dataset", default="synthetic", choices=data.DATASETS)
     dataset = pre.parse_known_args(argv)[0].dataset
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, epilog="defaults per --dataset: "
-                                + "; ".join(f"{k}: {v}" for k, v in DEFAULTS.items()) + "; without a checkpoint the "
-                                "model, image and patch size of data.GEOMETRY")
+    p = data.ArgumentParser(description=__doc__, epilog="defaults per --dataset: "
+                            + "; ".join(f"{k}: {v}" for k, v in DEFAULTS.items()) + "; without a checkpoint the "
+                            "model, image and patch size of data.GEOMETRY")
     p.add_argument("--dataset", default="synthetic", choices=data.DATASETS)
     p.add_argument("--data-dir", default="data")
     p.add_argument("--download", action="store_true")
     p.add_argument("--output-dir", default=None, help="default: runs/finetune_<dataset>_<checkpoint folder>")
     p.add_argument("--resume", default="", help="checkpoint to resume from (default: <output-dir>/ckpt.pt if present)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--epochs", type=int, default=100, help="MAE: 100 for ViT-B on ImageNet; 100 here")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimiser steps (0: no limit)")
-    p.add_argument("--batch-size", type=int, default=512, help="global batch, split over the DDP ranks")
+    p.add_argument("--epochs", type=data.POS_INT, default=100, help="MAE: 100 for ViT-B on ImageNet; 100 here")
+    p.add_argument("--max-steps", type=data.NONNEG_INT, default=0, help="stop after this many optimiser steps (0: no "
+                   "limit)")
+    p.add_argument("--batch-size", type=data.POS_INT, default=512, help="global batch, split over the DDP ranks")
     p.add_argument("--model", default=None, choices=MODELS, help="default: the checkpoint's, else per dataset")
-    p.add_argument("--img-size", type=int, default=None, help="default: the checkpoint's")
-    p.add_argument("--patch-size", type=int, default=None, help="default: the checkpoint's")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-train", type=int, default=0, help="a label budget: only this many training images, evenly "
-                   "spaced (about as many of each class); 0: all")
+    p.add_argument("--img-size", type=data.POS_INT, default=None, help="default: the checkpoint's")
+    p.add_argument("--patch-size", type=data.POS_INT, default=None, help="default: the checkpoint's")
+    p.add_argument("--seed", type=data.SEED, default=0)
+    p.add_argument("--max-train", type=data.NONNEG_INT, default=0, help="a label budget: only this many training "
+                   "images, evenly spaced (about as many of each class); 0: all")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA, off for CPU)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--num-workers", type=data.NONNEG_INT, default=4)
     p.add_argument("--checkpoint", default=None, help="pretrain.py checkpoint; none: train from scratch")
     p.add_argument("--checkpoint-key", default="auto", choices=["auto", "teacher", "student"],
                    help="teacher: the EMA encoder (DS-MAE), student; auto: the teacher where there is one, else "
                    "the student (MAE checkpoints have only the student)")
     p.add_argument("--pool", default="cls", choices=["cls", "mean"], help="head on the class token or on the "
                    "mean of the patch tokens")
-    p.add_argument("--blr", type=float, default=1e-3, help="lr = blr * batch / 256 (MAE: 5e-4 for ViT-B, "
+    p.add_argument("--blr", type=data.POS, default=1e-3, help="lr = blr * batch / 256 (MAE: 5e-4 for ViT-B, "
                    "1e-3 for smaller)")
-    p.add_argument("--layer-decay", type=float, default=0.75, help="lr of block i is scaled by decay^(depth + 1 - i): "
-                   "0.75 for ViT-T/S, 0.65 for ViT-B (MAE)")
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth: 0.1 for ViT-T/S/B (MAE)")
-    p.add_argument("--warmup-epochs", type=float, default=5)
-    p.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm (MAE: none)")
-    p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    p.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0: off)")
-    p.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0: off); with both, one per batch")
-    p.add_argument("--randaug-n", type=int, default=2, help="RandAugment: ops per image (0: off)")
-    p.add_argument("--randaug-m", type=int, default=9, help="RandAugment: magnitude")
-    p.add_argument("--crop-scale", type=float, default=0.08, help="smallest random resized crop (0.5 for X-rays)")
-    p.add_argument("--save-every", type=float, default=10, help="minutes between checkpoints within an epoch (and one "
-                   "at every epoch's end): a killed run loses at most this much")
+    p.add_argument("--layer-decay", type=data.Number(float, "(0, 1]"), default=0.75, help="lr of block i is scaled by "
+                   "decay^(depth + 1 - i): 0.75 for ViT-T/S, 0.65 for ViT-B (MAE)")
+    p.add_argument("--weight-decay", type=data.NONNEG, default=0.05)
+    p.add_argument("--drop-path", type=data.Number(float, "[0, 1)"), default=0.1, help="stochastic depth: 0.1 for "
+                   "ViT-T/S/B (MAE)")
+    p.add_argument("--warmup-epochs", type=data.NONNEG, default=5)
+    p.add_argument("--clip-grad", type=data.POS, default=None, help="clip the gradient norm (MAE: none)")
+    p.add_argument("--smoothing", type=data.Number(float, "[0, 1)"), default=0.1, help="label smoothing")
+    p.add_argument("--mixup", type=data.NONNEG, default=0.8, help="mixup alpha (0: off)")
+    p.add_argument("--cutmix", type=data.NONNEG, default=1.0, help="cutmix alpha (0: off); with both, one per batch")
+    p.add_argument("--randaug-n", type=data.NONNEG_INT, default=2, help="RandAugment: ops per image (0: off)")
+    p.add_argument("--randaug-m", type=data.Number(int, "[0, 30]"), default=9, help="RandAugment: magnitude")
+    p.add_argument("--crop-scale", type=data.Number(float, "(0, 1]"), default=0.08, help="smallest random resized crop "
+                   "(0.5 for X-rays)")
+    p.add_argument("--save-every", type=data.NONNEG, default=10, help="minutes between checkpoints within an epoch "
+                   "(and one at every epoch's end): a killed run loses at most this much")
     p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True,
                    help="random horizontal flips; --no-hflip where left and right differ (a task about sides)")
     data.add_data_args(p)
@@ -160,9 +159,6 @@ def load_data(args, img_size):
     if train.y is None or test.y is None or len(test) == 0:
         raise SystemExit(f"error: {args.dataset} has no labels (or no test images) here; fine-tuning needs a labelled "
                          f"train and test split")
-    top = int(max(train.y.max(), test.y.max()))
-    if top >= len(train.classes):
-        raise SystemExit(f"error: labels go up to {top} but {args.dataset} names {len(train.classes)} classes")
     return train.first(args.max_train), test, val if val is not None and len(val) else None
 
 

@@ -28,36 +28,37 @@ import data
 from models import MODELS, bf16_is_fast, extract_features, knn_predict, load_encoder, per_class_accuracy, resolve_device
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = data.ArgumentParser(description=__doc__)
     p.add_argument("--dataset", default="synthetic", choices=data.DATASETS)
     p.add_argument("--data-dir", default="data")
     p.add_argument("--download", action="store_true")
     p.add_argument("--output-dir", default=None, help="default: runs/linprobe_<dataset>_<checkpoint folder>")
     p.add_argument("--device", default="auto")
-    p.add_argument("--epochs", type=int, default=90, help="MAE: 90 (ImageNet); plenty on cached features")
-    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--epochs", type=data.POS_INT, default=90, help="MAE: 90 (ImageNet); plenty on cached features")
+    p.add_argument("--batch-size", type=data.Number(int, "[2, inf)"), default=1024, help="the probe's BatchNorm "
+                   "needs two")
     p.add_argument("--model", default=None, choices=MODELS, help="default: the checkpoint's, else per dataset")
-    p.add_argument("--img-size", type=int, default=None, help="default: the checkpoint's")
-    p.add_argument("--patch-size", type=int, default=None, help="default: the checkpoint's")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-train", type=int, default=0, help="a label budget: only this many training images, evenly "
-                   "spaced (about as many of each class); 0: all")
+    p.add_argument("--img-size", type=data.POS_INT, default=None, help="default: the checkpoint's")
+    p.add_argument("--patch-size", type=data.POS_INT, default=None, help="default: the checkpoint's")
+    p.add_argument("--seed", type=data.SEED, default=0)
+    p.add_argument("--max-train", type=data.NONNEG_INT, default=0, help="a label budget: only this many training "
+                   "images, evenly spaced (about as many of each class); 0: all")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the encoder (pays only with --augment)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--num-workers", type=data.NONNEG_INT, default=4)
     p.add_argument("--checkpoint", default=None, help="pretrain.py checkpoint; none: random initialisation")
     p.add_argument("--checkpoint-key", default="auto", choices=["auto", "teacher", "student"],
                    help="teacher: the EMA encoder (DS-MAE), student; auto: the teacher where there is one, else "
                    "the student (MAE checkpoints have only the student)")
     p.add_argument("--pool", default="cls", choices=["cls", "mean", "both"], help="class token, mean of the "
                    "patch tokens, or both concatenated")
-    p.add_argument("--blr", type=float, default=0.1, help="lr = blr * batch / 256 (MAE: 0.1 with LARS)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="MAE's probe uses none")
-    p.add_argument("--warmup-epochs", type=float, default=10)
+    p.add_argument("--blr", type=data.POS, default=0.1, help="lr = blr * batch / 256 (MAE: 0.1 with LARS)")
+    p.add_argument("--weight-decay", type=data.NONNEG, default=0.0, help="MAE's probe uses none")
+    p.add_argument("--warmup-epochs", type=data.NONNEG, default=10)
     p.add_argument("--augment", action="store_true", help="re-encode random crops + flips every epoch")
-    p.add_argument("--knn-k", type=int, default=20)
-    p.add_argument("--knn-t", type=float, default=0.07)
+    p.add_argument("--knn-k", type=data.POS_INT, default=20)
+    p.add_argument("--knn-t", type=data.POS, default=0.07)
     data.add_data_args(p)
     return p.parse_args(argv)
 
@@ -113,8 +114,9 @@ def main(args):
         train = train.first(args.max_train)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    if train.y is None or test.y is None or len(test) == 0:
-        raise SystemExit(f"error: {args.dataset} has no labels (or no test images) here; a probe needs a labelled train and test split")
+    if train.y is None or test.y is None or len(test) == 0 or len(train) < 2:
+        raise SystemExit(f"error: {args.dataset} has no labels (or no test images, or fewer than 2 training images) "
+                         f"here; a probe needs a labelled train and test split")
     if train.x.shape[1] != encoder.in_chans:
         raise SystemExit(f"error: the encoder takes {encoder.in_chans} channels, {args.dataset} has {train.x.shape[1]}")
     num_classes = len(train.classes)

@@ -277,13 +277,14 @@ def pixel_loss(pred, target, norm_pix=False):
 
 class Decoder(nn.Module):
     """Narrow transformer from encoder tokens to pixels: project, add positions, blocks, linear.
-    Heads have width 32, as in MAE's decoder (512 / 16)."""
+    Heads have width 32, as in MAE's decoder (512 / 16), where the width allows."""
 
     def __init__(self, encoder_dim, grid, patch_pixels, dim=256, depth=4):
         super().__init__()
         self.decoder_embed = nn.Linear(encoder_dim, dim)
         self.register_buffer("decoder_pos_embed", sincos_pos_embed(dim, grid, grid))
-        self.decoder_blocks = nn.ModuleList(Block(dim, max(dim // 32, 1)) for _ in range(depth))
+        heads = next(h for h in range(max(dim // 32, 1), 0, -1) if dim % h == 0)    # 32 wide, or as near as divides
+        self.decoder_blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
         self.decoder_norm = nn.LayerNorm(dim, eps=1e-6)
         self.decoder_pred = nn.Linear(dim, patch_pixels)
         init_weights(self)
@@ -589,7 +590,6 @@ def plot_curves(runs, path, keys=None, size=(300, 190)):
 
     runs: {label: rows of a log.jsonl}; keys: which numbers (default: every one any run logged,
     except bookkeeping). Each panel's y range is its own, printed at its corners."""
-    import json
     from PIL import Image, ImageDraw
     skip = {"epoch", "step", "seconds", "img_per_s", "per_class"}
     runs = {k: [r for r in v if isinstance(r, dict)] for k, v in runs.items()}
@@ -730,6 +730,8 @@ def load_encoder(path=None, key="auto", *, model=None, img_size=None, patch_size
     """
     import warnings
     if path is None:
+        if img_size % patch_size:
+            raise ValueError(f"image size {img_size} is not divisible by patch size {patch_size}")
         return ViT(img_size=img_size, patch_size=patch_size, in_chans=in_chans or 3, drop_path=drop_path,
                    num_classes=num_classes, global_pool=global_pool, **MODELS[model])
     ckpt = read_checkpoint(path, "pretrain.py checkpoint")
@@ -748,6 +750,8 @@ def load_encoder(path=None, key="auto", *, model=None, img_size=None, patch_size
         raise ValueError(f"{path} has no {key} encoder (MAE checkpoints have only the student)")
     grid_old = cfg["img_size"] // cfg["patch_size"]
     cfg["img_size"] = img_size or cfg["img_size"]
+    if cfg["img_size"] % cfg["patch_size"]:
+        raise ValueError(f"image size {cfg['img_size']} is not divisible by the patch size {cfg['patch_size']} of {path}")
     enc = ViT(**cfg, drop_path=drop_path, global_pool=global_pool)
     state = dict(state)
     if enc.grid != grid_old:

@@ -49,18 +49,13 @@ def dataset_defaults(name):
     return dict(PAPER, model=model, img_size=img_size, patch_size=patch_size, **DEFAULTS[name])
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
-
-
 def get_args(argv=None):
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = data.ArgumentParser(add_help=False)
     pre.add_argument("--dataset", default="synthetic", choices=data.DATASETS)
     dataset = pre.parse_known_args(argv)[0].dataset
     table = "\n".join(f"  {k:10s} " + ", ".join(f"{a}={v}" for a, v in dataset_defaults(k).items()
                                                  if a not in PAPER or PAPER[a] != v) for k in DEFAULTS)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
-                                epilog=f"defaults per --dataset (the rest: {PAPER}):\n{table}")
+    p = data.ArgumentParser(description=__doc__, epilog=f"defaults per --dataset (the rest: {PAPER}):\n{table}")
     # common flags, spelled the same in every script
     p.add_argument("--dataset", default="synthetic", choices=data.DATASETS)
     p.add_argument("--data-dir", default="data", help="folder holding the dataset (a .npz file for npz)")
@@ -68,69 +63,88 @@ def get_args(argv=None):
     p.add_argument("--output-dir", default=None, help="default: runs/<method>_<dataset>_<model>")
     p.add_argument("--resume", default="", help="checkpoint to resume from (default: <output-dir>/ckpt.pt if present)")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimiser steps (0: no limit); "
-                   "the schedule still spans --epochs, so a stopped run resumes exactly")
-    p.add_argument("--batch-size", type=int, help="global batch, split over the DDP ranks")
+    p.add_argument("--epochs", type=data.POS_INT)
+    p.add_argument("--max-steps", type=data.NONNEG_INT, default=0, help="stop after this many optimiser steps (0: no "
+                   "limit); the schedule still spans --epochs, so a stopped run resumes exactly")
+    p.add_argument("--batch-size", type=data.POS_INT, help="global batch, split over the DDP ranks")
     p.add_argument("--model", choices=MODELS)
-    p.add_argument("--img-size", type=int)
-    p.add_argument("--patch-size", type=int)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--img-size", type=data.POS_INT)
+    p.add_argument("--patch-size", type=data.POS_INT)
+    p.add_argument("--seed", type=data.SEED, default=0)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (None: on for CUDA, off for CPU)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="bf16 autocast; auto: bf16 where it is fast (CUDA, CPUs with AMX/AVX512-BF16)")
-    p.add_argument("--num-workers", type=int, default=4, help="threads decoding a folder dataset")
+    p.add_argument("--num-workers", type=data.NONNEG_INT, default=4, help="threads decoding a folder dataset")
     p.add_argument("--split", default="train", help="split to pretrain on (STL-10: train+unlabeled)")
     # method
     p.add_argument("--method", default="dsmae", choices=["dsmae", "mae"])
-    p.add_argument("--noise-ratio", type=float, default=0.9, help="DS-MAE: fraction of patches noised (paper: 0.9-0.95)")
-    p.add_argument("--noise-std", type=float, default=1.0, help="DS-MAE: noise std, in normalised pixel units")
-    p.add_argument("--noise-mode", default="add", choices=["add", "replace"], help="DS-MAE: x + std * eps, or eps alone")
-    p.add_argument("--lam", type=float, default=0.6, help="DS-MAE: L = lam * L_y + (1 - lam) * L_z; 1: decoder only, "
-                   "0: regressor only")
+    p.add_argument("--noise-ratio", type=data.Number(float, "(0, 1]"), default=0.9, help="DS-MAE: fraction of patches "
+                   "noised (paper: 0.9-0.95)")
+    p.add_argument("--noise-std", type=data.NONNEG, default=1.0, help="DS-MAE: noise std, in normalised pixel units")
+    p.add_argument("--noise-mode", default="add", choices=["add", "replace"], help="DS-MAE: x + std * eps, or eps "
+                   "alone")
+    p.add_argument("--lam", type=data.Number(float, "[0, 1]"), default=0.6, help="DS-MAE: L = lam * L_y + (1 - lam) * "
+                   "L_z; 1: decoder only, 0: regressor only")
     p.add_argument("--per-token-cos", action="store_true", help="DS-MAE: L_z as a mean of per-token cosines, "
                    "instead of Eq. 2's one cosine per image")
     p.add_argument("--target", default="final", choices=TEACHER_TARGETS, help="DS-MAE: what the regressor predicts "
                    "(models.teacher_target): the teacher's final tokens, centred, LayerNorm'd, or data2vec's average")
-    p.add_argument("--target-blocks", type=int, default=1, help="DS-MAE --target avg: how many last teacher blocks")
+    p.add_argument("--target-blocks", type=data.POS_INT, default=1, help="DS-MAE --target avg: how many last teacher "
+                   "blocks")
     p.add_argument("--decoder-input", default="encoder", choices=["encoder", "regressor"], help="DS-MAE: the "
                    "decoder reads the student's tokens (SPEC), or the regressor's predicted teacher tokens (CAE)")
-    p.add_argument("--mask-ratio", type=float, default=0.75, help="MAE: fraction of patches masked (0.9 for X-rays)")
+    p.add_argument("--mask-ratio", type=data.Number(float, "(0, 1)"), default=0.75, help="MAE: fraction of patches "
+                   "masked (0.9 for X-rays)")
     p.add_argument("--norm-pix", action=argparse.BooleanOptionalAction, default=True, help="pixel targets "
                    "normalised per patch (MAE's norm_pix_loss; the best measured for both methods, see the README's "
                    "DS-MAE sweep); --no-norm-pix: the normalised pixels themselves")
-    p.add_argument("--decoder-dim", type=int)
-    p.add_argument("--decoder-depth", type=int)
-    p.add_argument("--regressor-depth", type=int, default=2)
-    p.add_argument("--ema-start", type=float, default=0.96, help="DS-MAE teacher momentum at step 0, cosine to --ema-end")
-    p.add_argument("--ema-end", type=float, default=0.99)
-    p.add_argument("--ema-ref-batch", type=int, default=0, help="the batch --ema-start/--ema-end were set for: the "
-                   "momentum m becomes m ** (batch / ref), the same lag in images (0: used as given)")
-    p.add_argument("--drop-path", type=float, default=0.0)
+    p.add_argument("--decoder-dim", type=data.Number(int, "[4, inf)", multiple=4))
+    p.add_argument("--decoder-depth", type=data.POS_INT)
+    p.add_argument("--regressor-depth", type=data.POS_INT, default=2)
+    p.add_argument("--ema-start", type=data.Number(float, "[0, 1]"), default=0.96, help="DS-MAE teacher momentum at "
+                   "step 0, cosine to --ema-end")
+    p.add_argument("--ema-end", type=data.Number(float, "[0, 1]"), default=0.99)
+    p.add_argument("--ema-ref-batch", type=data.NONNEG_INT, default=0, help="the batch --ema-start/--ema-end were set "
+                   "for: the momentum m becomes m ** (batch / ref), the same lag in images (0: used as given)")
+    p.add_argument("--drop-path", type=data.Number(float, "[0, 1)"), default=0.0)
     # optimisation
-    p.add_argument("--blr", type=float, help="base lr: lr = blr * batch * accum / 256")
-    p.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
-    p.add_argument("--min-lr", type=float, default=0.0)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-epochs", type=float)
-    p.add_argument("--accum-iter", type=int, default=1, help="batches per optimiser step")
-    p.add_argument("--clip-grad", type=float, default=None)
+    p.add_argument("--blr", type=data.POS, help="base lr: lr = blr * batch * accum / 256")
+    p.add_argument("--lr", type=data.POS, default=None, help="absolute lr (overrides --blr)")
+    p.add_argument("--min-lr", type=data.NONNEG, default=0.0)
+    p.add_argument("--weight-decay", type=data.NONNEG, default=0.05)
+    p.add_argument("--warmup-epochs", type=data.NONNEG)
+    p.add_argument("--accum-iter", type=data.POS_INT, default=1, help="batches per optimiser step")
+    p.add_argument("--clip-grad", type=data.POS, default=None)
     p.add_argument("--aug", action=argparse.BooleanOptionalAction, default=True,
                    help="random resized crop + flip (--no-aug: the plain images)")
-    p.add_argument("--crop-scale", type=float, default=0.2, help="smallest crop area (0.5 for X-rays)")
+    p.add_argument("--crop-scale", type=data.Number(float, "(0, 1]"), default=0.2, help="smallest crop area (0.5 for "
+                   "X-rays)")
     # monitoring
-    p.add_argument("--knn-every", type=int, default=20, help="epochs between k-NN monitors (0: only at the end)")
-    p.add_argument("--knn-samples", type=int, default=10000, help="labelled images used by the k-NN monitor, per split")
-    p.add_argument("--vis-every", type=int, default=20, help="epochs between reconstruction pictures")
-    p.add_argument("--log-every", type=int, default=20, help="steps between reading the loss on the host")
-    p.add_argument("--save-every", type=float, default=10, help="minutes between checkpoints within an epoch (and one "
-                   "at every epoch's end): a killed run loses at most this much")
+    p.add_argument("--knn-every", type=data.NONNEG_INT, default=20, help="epochs between k-NN monitors (0: only at the "
+                   "end)")
+    p.add_argument("--knn-samples", type=data.POS_INT, default=10000, help="labelled images used by the k-NN monitor, "
+                   "per split")
+    p.add_argument("--vis-every", type=data.NONNEG_INT, default=20, help="epochs between reconstruction pictures")
+    p.add_argument("--log-every", type=data.POS_INT, default=20, help="steps between reading the loss on the host")
+    p.add_argument("--save-every", type=data.NONNEG, default=10, help="minutes between checkpoints within an epoch "
+                   "(and one at every epoch's end): a killed run loses at most this much")
     data.add_data_args(p)
     p.set_defaults(**dataset_defaults(dataset))              # before parsing, so --help shows them
     args = p.parse_args(argv)
+    # what the ranges alone cannot say: flags that must agree with each other
     if args.img_size % args.patch_size:
         p.error(f"--img-size {args.img_size} is not divisible by --patch-size {args.patch_size}")
+    n, depth = (args.img_size // args.patch_size) ** 2, MODELS[args.model]["depth"]
+    if not 0 < round(args.mask_ratio * n) < n:
+        p.error(f"--mask-ratio {args.mask_ratio} masks {round(args.mask_ratio * n)} of the {n} patches: it must leave "
+                f"some to encode and some to predict")
+    if round(args.noise_ratio * n) == 0:
+        p.error(f"--noise-ratio {args.noise_ratio} noises none of the {n} patches")
+    if args.target_blocks > depth:
+        p.error(f"--target-blocks {args.target_blocks}: {args.model} has {depth} blocks")
+    if args.decoder_input == "regressor" and not 0 < args.lam < 1:
+        p.error(f"--decoder-input regressor chains the two branches: it needs 0 < --lam < 1, not {args.lam}")
     return args
 
 

@@ -19,7 +19,6 @@ predict writes to --output-dir one <id>.png per image (0 or 255, at the image's 
 what --masks reads), masks.csv (id, lung fraction, confidence, components kept, flag) and
 overlay.png (the flagged images first); a flagged mask is written too, and listed: you decide.
 """
-import argparse
 import csv
 import hashlib
 import json
@@ -39,71 +38,78 @@ from models import (UNet, bf16_is_fast, dice_iou, fill_holes, keep_largest_compo
                     param_groups, plot_curves, read_checkpoint, read_log, resolve_device, save_checkpoint, seg_loss)
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
-
-
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = data.ArgumentParser(description=__doc__)
     modes = p.add_subparsers(dest="mode", required=True, metavar="{train,predict}", help="segment.py MODE --help "
                              "lists the mode's flags")
-    common = argparse.ArgumentParser(add_help=False)
+    common = data.ArgumentParser(add_help=False)
     common.add_argument("--data-dir", required=True, help="folder of .dcm (or .png/.jpg) radiographs, recursive")
     common.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     common.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="bf16 autocast; "
                         "auto: where it is fast (CUDA, CPUs with AVX512-BF16: this U-Net 1.4x faster than fp32)")
-    common.add_argument("--batch-size", type=int, default=16, help="images per step (and per forward in predict)")
-    common.add_argument("--num-workers", type=int, default=4, help="threads decoding images")
-    t = modes.add_parser("train", parents=[common], formatter_class=HelpFormatter, help="fit a U-Net to image + "
+    common.add_argument("--batch-size", type=data.POS_INT, default=16, help="images per step (and per forward in "
+                        "predict)")
+    common.add_argument("--num-workers", type=data.NONNEG_INT, default=4, help="threads decoding images")
+    t = modes.add_parser("train", parents=[common], formatter_class=data.HelpFormatter, help="fit a U-Net to image + "
                          "mask pairs", description="Train the U-Net (see segment.py --help). Of the X-ray flags, "
                          "--labels, --classes, --split-*, --variant and --channels do not apply: images and masks "
                          "only.")
     t.add_argument("--output-dir", default="runs/segment", help="ckpt.pt, best.pt, log.jsonl, args.json")
     t.add_argument("--resume", default="", help="checkpoint to resume from (default: <output-dir>/ckpt.pt if present)")
-    t.add_argument("--img-size", type=int, default=256, help="square side the images are fitted to (black padding)")
-    t.add_argument("--width", type=int, default=16, help="U-Net channels at full resolution, doubled per level")
-    t.add_argument("--depth", type=int, default=4, help="U-Net levels below full resolution (2x2 max-pools)")
-    t.add_argument("--epochs", type=int, default=38, help="at 256 px with the defaults, 20 s per epoch (17.5 s of "
-                   "training, 1.35 s/step) on 2 CPU cores: 38 take 13 minutes")
-    t.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit); the "
+    t.add_argument("--img-size", type=data.Number(int, "[16, inf)"), default=256, help="square side the images are "
+                   "fitted to (black padding)")
+    t.add_argument("--width", type=data.POS_INT, default=16, help="U-Net channels at full resolution, doubled per "
+                   "level")
+    t.add_argument("--depth", type=data.POS_INT, default=4, help="U-Net levels below full resolution (2x2 max-pools)")
+    t.add_argument("--epochs", type=data.POS_INT, default=38, help="at 256 px with the defaults, 20 s per epoch (17.5 "
+                   "s of training, 1.35 s/step) on 2 CPU cores: 38 take 13 minutes")
+    t.add_argument("--max-steps", type=data.NONNEG_INT, default=0, help="stop after this many steps (0: no limit); the "
                    "schedule still spans --epochs, so a stopped run resumes exactly")
-    t.add_argument("--lr", type=float, default=3e-3, help="AdamW peak lr, after a linear warm-up")
-    t.add_argument("--min-lr", type=float, default=1e-5, help="end of the cosine decay")
-    t.add_argument("--warmup-epochs", type=float, default=1.0, help="linear lr warm-up")
-    t.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW, on convolution weights only")
-    t.add_argument("--bce-weight", type=float, default=1.0, help="loss = soft Dice + bce_weight * BCE")
-    t.add_argument("--val-count", type=int, default=None, help="radiographs held out for validation "
+    t.add_argument("--lr", type=data.POS, default=3e-3, help="AdamW peak lr, after a linear warm-up")
+    t.add_argument("--min-lr", type=data.NONNEG, default=1e-5, help="end of the cosine decay")
+    t.add_argument("--warmup-epochs", type=data.NONNEG, default=1.0, help="linear lr warm-up")
+    t.add_argument("--weight-decay", type=data.NONNEG, default=1e-4, help="AdamW, on convolution weights only")
+    t.add_argument("--bce-weight", type=data.NONNEG, default=1.0, help="loss = soft Dice + bce_weight * BCE")
+    t.add_argument("--val-count", type=data.POS_INT, default=None, help="radiographs held out for validation "
                    "(default: 20%%; 55 of OpenIST's 275)")
-    t.add_argument("--seed", type=int, default=0, help="the val split, the initial weights, the augmentation")
-    t.add_argument("--rotate", type=float, default=7.0, help="augmentation: rotations up to this many degrees")
-    t.add_argument("--scale", type=float, default=0.1, help="augmentation: zoom by 1 +- this")
-    t.add_argument("--translate", type=float, default=0.05, help="augmentation: shifts up to this fraction of the side")
-    t.add_argument("--brightness", type=float, default=0.1, help="augmentation: add up to +- this (pixels in [0, 1])")
-    t.add_argument("--contrast", type=float, default=0.2, help="augmentation: contrast times 1 +- this")
-    t.add_argument("--gamma", type=float, default=0.3, help="augmentation: pixels ** exp(+- this), exposure")
+    t.add_argument("--seed", type=data.SEED, default=0, help="the val split, the initial weights, the augmentation")
+    t.add_argument("--rotate", type=data.Number(float, "[0, 180]"), default=7.0, help="augmentation: rotations up to "
+                   "this many degrees")
+    t.add_argument("--scale", type=data.Number(float, "[0, 1)"), default=0.1, help="augmentation: zoom by 1 +- this")
+    t.add_argument("--translate", type=data.Number(float, "[0, 1)"), default=0.05, help="augmentation: shifts up to "
+                   "this fraction of the side")
+    t.add_argument("--brightness", type=data.Number(float, "[0, 1]"), default=0.1, help="augmentation: add up to +- "
+                   "this (pixels in [0, 1])")
+    t.add_argument("--contrast", type=data.Number(float, "[0, 1)"), default=0.2, help="augmentation: contrast times 1 "
+                   "+- this")
+    t.add_argument("--gamma", type=data.Number(float, "[0, 3]"), default=0.3, help="augmentation: pixels ** exp(+- "
+                   "this), exposure")
     t.add_argument("--hflip", action="store_true", help="mirror half the images; off by default: the heart "
                    "has a side, and so does every radiograph a hospital sends")
-    t.add_argument("--save-every", type=float, default=10, help="minutes between checkpoints within an epoch (and "
-                   "one at every epoch's end)")
+    t.add_argument("--save-every", type=data.NONNEG, default=10, help="minutes between checkpoints within an epoch "
+                   "(and one at every epoch's end)")
     data.add_data_args(t)
-    q = modes.add_parser("predict", parents=[common], formatter_class=HelpFormatter, help="write a mask for every "
+    q = modes.add_parser("predict", parents=[common], formatter_class=data.HelpFormatter, help="write a mask for every "
                          "image of a folder", description="Predict masks; see segment.py --help.")
     q.add_argument("--checkpoint", required=True, help="best.pt or ckpt.pt of segment.py train")
     q.add_argument("--output-dir", default=None, help="the masks folder (default: masks_<data-dir name> next to "
                    "the checkpoint); give it to the other scripts as --masks")
-    q.add_argument("--window-percentile", type=float, default=0.5, help="DICOMs without a window: from this "
-                   "percentile to 100 minus it (as data.py)")
+    q.add_argument("--window-percentile", type=data.Number(float, "[0, 50)"), default=0.5, help="DICOMs without a "
+                   "window: from this percentile to 100 minus it (as data.py)")
     q.add_argument("--skip-bad", action="store_true", help="list unreadable files and go on")
-    q.add_argument("--threshold", type=float, default=0.5, help="probability above which a pixel is lung")
-    q.add_argument("--components", type=int, default=2, help="largest connected components kept (the two lungs)")
-    q.add_argument("--min-area", type=float, default=0.08, help="flag masks below this fraction of the image "
-                   "(OpenIST's true masks: 0.15 to 0.46)")
-    q.add_argument("--max-area", type=float, default=0.6, help="flag masks above this fraction of the image")
-    q.add_argument("--min-ratio", type=float, default=0.35, help="flag when the smaller lung is under this "
-                   "fraction of the larger, or missing (OpenIST: 0.71 or more)")
-    q.add_argument("--min-confidence", type=float, default=0.85, help="flag when the mean probability inside "
-                   "the mask is lower")
-    q.add_argument("--grid", type=int, default=16, help="images in overlay.png (flagged ones first)")
+    q.add_argument("--threshold", type=data.Number(float, "[0, 1]"), default=0.5, help="probability above which a "
+                   "pixel is lung")
+    q.add_argument("--components", type=data.POS_INT, default=2, help="largest connected components kept (the two "
+                   "lungs)")
+    q.add_argument("--min-area", type=data.Number(float, "[0, 1]"), default=0.08, help="flag masks below this fraction "
+                   "of the image (OpenIST's true masks: 0.15 to 0.46)")
+    q.add_argument("--max-area", type=data.Number(float, "(0, 1]"), default=0.6, help="flag masks above this fraction "
+                   "of the image")
+    q.add_argument("--min-ratio", type=data.Number(float, "[0, 1]"), default=0.35, help="flag when the smaller lung is "
+                   "under this fraction of the larger, or missing (OpenIST: 0.71 or more)")
+    q.add_argument("--min-confidence", type=data.Number(float, "[0, 1]"), default=0.85, help="flag when the mean "
+                   "probability inside the mask is lower")
+    q.add_argument("--grid", type=data.NONNEG_INT, default=16, help="images in overlay.png (flagged ones first)")
     q.add_argument("--reference", default=None, help="a folder of known <id>.png masks: Dice and IoU of each "
                    "predicted mask at the image's own size in masks.csv, their summary, and worst.png (the five "
                    "lowest Dice, the reference outlined in blue)")

@@ -15,13 +15,14 @@ the probe and the k-NN are measured on images pretraining never saw. Every row u
 command apart from its own flags; rows are not timed fairly if something else runs meanwhile.
 This script only runs the stage scripts as programs; it imports neither.
 """
-import argparse
 import datetime
 import json
 import os
 import platform
 import subprocess
 import sys
+
+import data
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 LAB = ["--dataset", "npz", "--model", "vit_micro", "--img-size", "32", "--patch-size", "4", "--batch-size", "128",
@@ -30,11 +31,11 @@ LAB = ["--dataset", "npz", "--model", "vit_micro", "--img-size", "32", "--patch-
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = data.ArgumentParser(description=__doc__)
     p.add_argument("--name", help="row name (the run folder is runs/sweep/<name>_e<epochs>_s<seed>)")
     p.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "cifar10", "train.npz"))
-    p.add_argument("--epochs", type=int, default=3, help="0: no pretraining, the random-initialisation row")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=data.NONNEG_INT, default=3, help="0: no pretraining, the random-initialisation row")
+    p.add_argument("--seed", type=data.SEED, default=0)
     p.add_argument("--keys", default="teacher,student", help="encoders to probe when the checkpoint has a teacher")
     p.add_argument("--results", default=os.path.join(ROOT, "results", "sweep_cifar10.jsonl"))
     p.add_argument("--show", action="store_true", help="print the results table and exit")

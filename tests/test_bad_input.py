@@ -30,6 +30,8 @@ def files(tmp_path_factory):
     np.savez(d / "float.npz", x=x.astype(np.float32))
     np.savez(d / "const.npz", x=np.full_like(x, 7), y=np.arange(20) % 2)
     np.savez(d / "nolabels.npz", x=x)
+    np.savez(d / "neglabel.npz", x=x, y=np.where(np.arange(20) == 5, -1, np.arange(20) % 2))
+    np.savez(d / "fraclabel.npz", x=x, y=np.where(np.arange(20) == 2, 0.5, np.arange(20) % 2))
     for c in ("a", "b"):                                     # a folder dataset with one corrupt PNG
         os.makedirs(d / "folder" / c)
         for i in range(4):
@@ -39,6 +41,7 @@ def files(tmp_path_factory):
     for i in range(4):
         write_dicom(d / "dcm" / f"im{i}.dcm", x[i, :, :, 0])
         Image.fromarray(np.full((16, 12 if i == 2 else 16), 255, np.uint8)).save(d / "masks" / f"im{i}.png")
+    (d / "emptylabel.csv").write_text("id,label\nim0,a\nim1,\nim2,b\nim3,a\n")
     os.makedirs(d / "empty")
     (d / "notckpt.pt").write_text("these are not the weights you are looking for\n")
     pretrain.main(pretrain.get_args(TINY_PRETRAIN + ["--max-steps", "1", "--knn-samples", "20",
@@ -68,9 +71,23 @@ CASES = [
     ("pretrain", "--dataset dicom --data-dir {dir}/empty --img-size 16 --patch-size 4", "no .dcm"),
     ("pretrain", "--dataset dicom --data-dir {dir}/dcm --labels {dir}/nolabels.csv --img-size 16 --patch-size 4",
      "--labels {dir}/nolabels.csv: no such file"),
+    # labels: named with the file, the first bad index and its value (issue 20)
+    ("linprobe", "--dataset npz --data-dir {dir}/neglabel.npz", "neglabel.npz: y: label -1 at index 5 is outside 0..1"),
+    ("finetune", "--dataset npz --data-dir {dir}/fraclabel.npz", "fraclabel.npz: y: label 0.5 at index 2 is not a whole"),
+    ("pretrain", "--dataset dicom --data-dir {dir}/dcm --labels {dir}/emptylabel.csv --img-size 16 --patch-size 4",
+     "emptylabel.csv: line 3 has no label"),
     ("cam", "--checkpoint {dir}/notckpt.pt", "notckpt.pt is not a readable classifier checkpoint"),
     # settings
     ("pretrain", "--img-size 18 --patch-size 4", "--img-size 18 is not divisible by --patch-size 4"),
+    ("pretrain", "--lam 2", "argument --lam: 2 is not a number in [0, 1]"),           # ranges: tests/test_flags.py
+    ("pretrain", "--batch-size 0", "argument --batch-size: 0 is not an integer >= 1"),
+    ("pretrain", "--noise-ratio 1.5", "argument --noise-ratio: 1.5 is not a number in (0, 1]"),
+    ("pretrain", "--method mae --mask-ratio 0.01 " + " ".join(GEOM), "--mask-ratio 0.01 masks 0 of the 16 patches"),
+    ("pretrain", "--decoder-input regressor --lam 1", "--decoder-input regressor chains the two branches"),
+    ("pretrain", "--target-blocks 7", "--target-blocks 7: vit_micro has 6 blocks"),
+    ("finetune", "--checkpoint {pre} --img-size 18", "image size 18 is not divisible by the patch size 4"),
+    ("curriculum", "--stages relloc --img-size 8", "relloc at --img-size 8: cells of 2 px"),
+    ("cam", "--checkpoint {pre} --target banana", "banana is not pred, true or a class index"),
     ("pretrain", "--batch-size 100000 --model vit_nano", "fewer than one step"),
     ("pretrain", "--device banana", "--device banana: not a device"),
     ("curriculum", "--stages rotation,jigsaw", "unknown stage 'jigsaw'"),
@@ -82,7 +99,7 @@ CASES = [
     ("cam", "--checkpoint {pre}", "neither a finetune.py nor a curriculum.py classifier"),
     ("linprobe", "--checkpoint {pre} --model vit_micro", "not vit_micro"),
     # degenerate training: the message says which checkpoint exists
-    ("pretrain", "--output-dir {dir}/nan --noise-std inf --log-every 1 --max-steps 3 --knn-samples 20 "
+    ("pretrain", "--output-dir {dir}/nan --noise-std 1e39 --log-every 1 --max-steps 3 --knn-samples 20 "
      + " ".join(GEOM), "loss is nan at step 1: stopping; no checkpoint was written"),
 ]
 NO_GPU = [(s, f"--device cuda {a}", "--device cuda: this machine has 0 CUDA GPU(s)")

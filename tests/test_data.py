@@ -3,6 +3,7 @@ augmentation behave as documented."""
 import argparse
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -211,3 +212,40 @@ def test_npz_in_medmnist_layout(tmp_path):
     assert train.x.shape == (20, 1, 28, 28) and test.x.shape == (6, 1, 28, 28) and train.classes == ["0", "1"]
     assert torch.equal(train.x[:, 0], torch.from_numpy(arrays["train_images"]))
     assert train.y.tolist() == arrays["train_labels"][:, 0].tolist() and test.y.tolist() == [0, 1, 0, 1, 0, 1]
+
+
+def test_bad_labels_are_named_in_every_format(tmp_path):
+    """One per image, whole, 0 <= y < classes, for CIFAR's pickles, STL-10's binaries, npz (with and
+    without class_names, test split included), MedMNIST and the X-ray CSV: the error names the file,
+    the first bad index and its value."""
+    write_cifar(tmp_path / "c")
+    batch = tmp_path / "c" / "cifar-10-batches-py" / "data_batch_3"
+    d = pickle.load(open(batch, "rb"), encoding="latin1")
+    d["labels"][4] = 10
+    pickle.dump(d, open(batch, "wb"), protocol=2)
+    with pytest.raises(ValueError, match=r"data_batch_3: label 10 at index 4 is outside 0\.\.9"):
+        data.build_dataset("cifar10", "train", data_dir=str(tmp_path / "c"))
+    write_stl10(tmp_path / "s")
+    np.array([3, 0, 2], np.uint8).tofile(tmp_path / "s" / "stl10_binary" / "train_y.bin")    # 0: not in 1..10
+    with pytest.raises(ValueError, match=r"train_y.bin: label -1 at index 1 is outside 0\.\.9"):
+        data.build_dataset("stl10", "train", data_dir=str(tmp_path / "s"))
+    x = np.zeros((6, 4, 4, 3), np.uint8) + np.arange(6, dtype=np.uint8)[:, None, None, None] * 40
+    cases = [(dict(y=np.array([0, 1, 2, 0, 1, 2]), class_names=np.array(["a", "b"])), "train", "y: label 2 at index 2"),
+             (dict(y=np.array([0, 1, 0, 1, 1, 0]), x_test=x[:2], y_test=np.array([1, -3])), "test",
+              "y_test: label -3 at index 1"),
+             (dict(y=np.array([0, 1, np.nan, 1, 0, 1])), "train", "y: label nan at index 2 is not a whole number"),
+             (dict(y=np.array(["0", "1", "1", "0", "0", "1"])), "train", "y: label 0 at index 0 is not a whole number")]
+    for i, (arrays, split, message) in enumerate(cases):
+        np.savez(tmp_path / f"{i}.npz", x=x, **arrays)
+        with pytest.raises(ValueError, match=re.escape(f"{i}.npz: {message}")):
+            data.build_dataset("npz", split, data_dir=str(tmp_path / f"{i}.npz"))
+    # without class_names the classes run to the largest label of either split, so train and test agree
+    np.savez(tmp_path / "ok.npz", x=x, y=np.array([0, 1, 0, 1, 0, 1]), x_test=x[:2], y_test=np.array([2, 1]))
+    assert data.build_dataset("npz", "train", data_dir=str(tmp_path / "ok.npz")).classes == ["0", "1", "2"]
+    np.savez(tmp_path / "med.npz", train_images=x[..., 0], train_labels=np.zeros((6, 3), np.uint8),
+             test_images=x[:2, ..., 0], test_labels=np.zeros((2, 3), np.uint8))          # multi-label: not ours
+    with pytest.raises(ValueError, match=r"med.npz: y has shape \(6, 3\) but x holds 6 images"):
+        data.build_dataset("npz", "train", data_dir=str(tmp_path / "med.npz"))
+    (tmp_path / "labels.csv").write_text("id,label\na,x\nb,y\n,y\n")
+    with pytest.raises(ValueError, match=r"labels.csv: line 4 has no id"):
+        data.read_label_csv(str(tmp_path / "labels.csv"), "id", "label", "split")
