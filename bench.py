@@ -15,11 +15,15 @@ a fraction of the fixed-batch rate. Everything timed runs interleaved (A B C A B
 median round counts, because a shared machine's speed drifts by up to ~20% within minutes: quote
 the ratios, which are measured under the same drift.
 
---peers (needs `pip install timm lightly`, kept out of requirements.txt) adds, in fp32 at their
-defaults: an MAE on timm's Block in the structure of facebookresearch/mae's models_mae.py, lightly's
-MAE modules (MaskedVisionTransformerTIMM + MaskedVisionTransformerDecoderTIMM) as in lightly's MAE
-example, and a straightforward DS-MAE on timm blocks (decoder and regressor on every token, masked
-losses, Python-loop EMA).
+--peers (needs `pip install timm lightly`, kept out of requirements.txt) adds, each in fp32 (their
+default) and under bf16 autocast (the one line a user would add): an MAE on timm's Block in the
+structure of facebookresearch/mae's models_mae.py, lightly's MAE modules (MaskedVisionTransformerTIMM
++ MaskedVisionTransformerDecoderTIMM) as in lightly's MAE example, and a straightforward DS-MAE on
+timm blocks (decoder and regressor on every token, masked losses, Python-loop EMA). The "x peer"
+columns divide our rate by the peer's at its faster setting. Everything runs in one process, so the
+peers get the allocator setting the scripts use on a CPU (models.reuse_freed_memory) as ours do.
+--profile adds where the time of one step goes (torch.profiler): matmuls, attention softmax,
+LayerNorm, GELU, copies and casts, other elementwise, optimiser, EMA, per method.
 """
 import argparse
 import copy
@@ -38,15 +42,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from models import DSMAE, MAE, MODELS, ViT, bf16_is_fast, init_weights, param_groups, patchify, sincos_pos_embed
+from models import (DSMAE, MAE, MODELS, ViT, bf16_is_fast, init_weights, param_groups, patchify, reuse_freed_memory,
+                    sincos_pos_embed)
 
-CONFIGS = {  # the configurations the project is measured on (tiny: the tests)
-    "C1": dict(img_size=32, patch_size=4, model="vit_tiny", batch_size=64, decoder_dim=128),
-    "C2": dict(img_size=32, patch_size=2, model="vit_tiny", batch_size=32, decoder_dim=256),   # paper, CIFAR
-    "C3": dict(img_size=96, patch_size=6, model="vit_small", batch_size=16, decoder_dim=256),  # paper, STL-10
-    "tiny": dict(img_size=16, patch_size=4, model="vit_nano", batch_size=8, decoder_dim=32),
+CONFIGS = {  # the configurations the project is measured on (C2: the paper's CIFAR, C3: STL-10; tiny: the tests)
+    "C1": dict(img_size=32, patch_size=4, model="vit_tiny", batch_size=64, decoder_dim=128, decoder_depth=4),
+    "C2": dict(img_size=32, patch_size=2, model="vit_tiny", batch_size=32, decoder_dim=256, decoder_depth=4),
+    "C3": dict(img_size=96, patch_size=6, model="vit_small", batch_size=16, decoder_dim=256, decoder_depth=4),
+    # the CPU labs and the first run: pretrain.py's synthetic defaults
+    "lab": dict(img_size=32, patch_size=4, model="vit_micro", batch_size=128, decoder_dim=128, decoder_depth=2),
+    "tiny": dict(img_size=16, patch_size=4, model="vit_nano", batch_size=8, decoder_dim=32, decoder_depth=4),
 }
-DECODER_DEPTH, MASK_RATIO, NOISE_RATIO, LAM = 4, 0.75, 0.9, 0.6        # pretrain.py's defaults
+MASK_RATIO, NOISE_RATIO, LAM = 0.75, 0.9, 0.6        # pretrain.py's defaults
 OURS, PEERS = ("mae", "dsmae"), ("timm-mae", "lightly-mae", "timm-dsmae")
 
 
@@ -54,7 +61,11 @@ def get_args(argv=None):
     p = data.ArgumentParser(description=__doc__)
     p.add_argument("--config", default="C1", choices=CONFIGS)
     p.add_argument("--methods", default="mae,dsmae", help=f"any of {', '.join(OURS + PEERS)}")
-    p.add_argument("--peers", action="store_true", help="add the three peers (fp32, needs timm and lightly)")
+    p.add_argument("--peers", action="store_true", help="add the three peers (fp32 and bf16 autocast; needs timm "
+                   "and lightly)")
+    p.add_argument("--reuse-memory", action=argparse.BooleanOptionalAction, default=True, help="on a CPU, "
+                   "models.reuse_freed_memory() as the scripts call it; --no-reuse-memory: glibc's default")
+    p.add_argument("--profile", action="store_true", help="also print where one step's time goes, per method")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="auto",
                    help="ours: auto (bf16 where fast, as pretrain.py), bf16, fp32, or a list: bf16,fp32")
@@ -122,14 +133,15 @@ def peer_train_flops(name, cfg):
     """The same count for a peer: the official MAE predicts every token, lightly's example only the
     masked ones; the DS-MAE reference runs its decoder and regressor on every token (+ class)."""
     N, P = (cfg["img_size"] // cfg["patch_size"]) ** 2, cfg["patch_size"] ** 2 * 3
-    D, depth, Dd = MODELS[cfg["model"]]["embed_dim"], MODELS[cfg["model"]]["depth"], cfg["decoder_dim"]
+    D, depth, Dd, depth_d = MODELS[cfg["model"]]["embed_dim"], MODELS[cfg["model"]]["depth"], cfg["decoder_dim"], \
+        cfg["decoder_depth"]
     encoder = lambda n: 2 * N * P * D + depth * block_flops(n, D)
     if name in ("timm-mae", "lightly-mae"):
         keep = int(N * (1 - MASK_RATIO))
         head = N + 1 if name == "timm-mae" else N - keep
-        return 3 * (encoder(keep + 1) + 2 * (keep + 1) * D * Dd + DECODER_DEPTH * block_flops(N + 1, Dd)
+        return 3 * (encoder(keep + 1) + 2 * (keep + 1) * D * Dd + depth_d * block_flops(N + 1, Dd)
                     + 2 * head * Dd * P)
-    decoder = 2 * (N + 1) * D * Dd + DECODER_DEPTH * block_flops(N + 1, Dd) + 2 * (N + 1) * Dd * P
+    decoder = 2 * (N + 1) * D * Dd + depth_d * block_flops(N + 1, Dd) + 2 * (N + 1) * Dd * P
     return 3 * (encoder(N + 1) + decoder + 2 * block_flops(N + 1, D)) + encoder(N + 1)
 
 
@@ -192,10 +204,11 @@ def build(method, cfg, device):
     torch.manual_seed(0)
     enc = ViT(img_size=cfg["img_size"], patch_size=cfg["patch_size"], **MODELS[cfg["model"]])
     if method == "mae":
-        model = MAE(enc, decoder_dim=cfg["decoder_dim"], decoder_depth=DECODER_DEPTH, mask_ratio=MASK_RATIO)
+        model = MAE(enc, decoder_dim=cfg["decoder_dim"], decoder_depth=cfg["decoder_depth"],
+                    mask_ratio=MASK_RATIO)
     else:
-        model = DSMAE(enc, decoder_dim=cfg["decoder_dim"], decoder_depth=DECODER_DEPTH, noise_ratio=NOISE_RATIO,
-                      lam=LAM)
+        model = DSMAE(enc, decoder_dim=cfg["decoder_dim"], decoder_depth=cfg["decoder_depth"],
+                      noise_ratio=NOISE_RATIO, lam=LAM)
     return model.to(device).train()
 
 
@@ -245,8 +258,10 @@ def data_feed(cfg, device, n_images=1024):
     return next_batch
 
 
-def peer_step(name, cfg, device):
-    """One training step of a peer, fp32, as its own reference loop runs it: (step(x), model, optimiser)."""
+def peer_step(name, cfg, device, precision="fp32"):
+    """One training step of a peer as its own reference loop runs it, in fp32 (its default) or under
+    bf16 autocast (the one line a user would add): (step(x), model, optimiser)."""
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     torch.manual_seed(0)
     model = PEER_CLASSES[name](cfg).to(device).train()
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1 and not n.endswith("token")]
@@ -255,7 +270,8 @@ def peer_step(name, cfg, device):
                             lr=1.5e-4, betas=(0.9, 0.95))
 
     def step(x):
-        loss = model(x)
+        with amp:
+            loss = model(x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -274,10 +290,12 @@ def make_runners(args, cfg, device):
     x = torch.randn(cfg["batch_size"], 3, cfg["img_size"], cfg["img_size"], device=device)
     runners, feed = {}, None
     for method in dict.fromkeys(methods):
-        if method in PEERS:
-            step, model, opt = peer_step(method, cfg, device)
-            runners[method] = dict(step=lambda s=step: s(x), flops=peer_train_flops(method, cfg), precision="fp32",
-                                   held=(model, opt))
+        if method in PEERS:                          # both settings a user of the peer could pick
+            both = ("fp32", "bf16") if bf16_is_fast(device) else ("fp32",)
+            for precision in precisions if args.memory_child else both:
+                step, model, opt = peer_step(method, cfg, device, precision)
+                runners[f"{method} {precision}"] = dict(step=lambda s=step: s(x), flops=peer_train_flops(method, cfg),
+                                                        precision=precision, peer=method, held=(model, opt))
             continue
         assert method in OURS, f"unknown method {method}; choose from {OURS + PEERS}"
         for precision in precisions:
@@ -321,10 +339,11 @@ def measure_memory(args, cfg, names):
     jobs = [(name, B) for name in names] + [(n, round(B / (1 - MASK_RATIO))) for n in names if n.startswith("mae ")]
     out = {}
     for name, batch in jobs:
-        method, precision = (name.split() + ["fp32"])[:2]           # peers: fp32
+        method, precision = name.split()[:2]
         cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", "--config", args.config,
                "--device", args.device, "--methods", method, "--precision", precision,
-               "--batch-size", str(batch)] + (["--compile"] if args.compile and method in OURS else [])
+               "--batch-size", str(batch), "--reuse-memory" if args.reuse_memory else "--no-reuse-memory"] + \
+            (["--compile"] if args.compile and method in OURS else [])
         res = subprocess.run(cmd, capture_output=True, text=True)
         lines = [l for l in res.stdout.splitlines() if l.startswith("{")]
         if res.returncode or not lines:
@@ -396,6 +415,8 @@ def measure_data_memory(args):
 
 def main(args):
     device = torch.device(args.device)
+    if device.type == "cpu" and args.reuse_memory:
+        reuse_freed_memory()
     cfg = dict(CONFIGS[args.config])
     if args.batch_size:
         cfg["batch_size"] = args.batch_size
@@ -438,7 +459,11 @@ def main(args):
     (wall, own, busy), end = start, cpu_times()
     other_load = (end[2] - busy - (end[1] - own)) / (end[0] - wall) / os.cpu_count()
     rows = []
-    peers = [n for n in runners if n in PEERS]
+    rate = lambda r: cfg["batch_size"] / statistics.median(r["times"])
+    best = {}                                    # each peer at its faster setting, fp32 or bf16 autocast
+    for r in runners.values():
+        if "peer" in r:
+            best[r["peer"]] = max(best.get(r["peer"], 0.0), rate(r))
     for name, r in runners.items():
         if not r["times"]:
             continue
@@ -450,9 +475,9 @@ def main(args):
             row["peak_mib"] = r["peak_mib"]
         if "synthetic" in r:
             row["of_synthetic"] = ips / (cfg["batch_size"] / statistics.median(runners[r["synthetic"]]["times"]))
-        for peer in peers:   # ours against the peer of the same method; peers against nothing
-            if name not in PEERS and "synthetic" not in r and peer.endswith("dsmae") == name.startswith("dsmae"):
-                row[f"x {peer}"] = ips / (cfg["batch_size"] / statistics.median(runners[peer]["times"]))
+        for peer, peer_ips in best.items():   # ours against the same method's peers at their best; peers: none
+            if "peer" not in r and "synthetic" not in r and peer.endswith("dsmae") == name.startswith("dsmae"):
+                row[f"x {peer}"] = ips / peer_ips
         rows.append(row)
     result = dict(config=args.config, cfg=cfg, device=f"{device} ({where})", torch=torch.__version__,
                   threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"), compile=args.compile,
@@ -462,6 +487,8 @@ def main(args):
         result["memory"] = measure_memory(args, cfg, list(runners))
         for row in rows:
             row["peak_mib"] = result["memory"].get(row["name"], {}).get("peak_mib", float("nan"))
+    if args.profile:
+        result["profile"] = {name: profile_step(r, args.steps) for name, r in runners.items() if "peer" not in r}
     table = format_table(result)
     print(table, flush=True)
     if args.out:
@@ -471,6 +498,31 @@ def main(args):
         with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
             f.write(table + "\n")
     return result
+
+
+# (group, pieces of torch.profiler op names); the first group that matches takes the op's self time
+PROFILE_GROUPS = (("matmuls", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "convolution")),
+                  ("attention softmax", ("softmax",)), ("LayerNorm", ("layer_norm",)), ("GELU", ("gelu",)),
+                  ("copies and dtype casts", ("aten::copy_", "aten::_to_copy", "aten::clone")),
+                  ("optimiser (fused AdamW)", ("adamw", "Optimizer")), ("EMA teacher update", ("lerp", "foreach_copy")),
+                  ("masks, noise, gathers", ("gather", "scatter", "sort", "index", "normal_", "uniform_", "where")),
+                  ("other elementwise and reductions", ("aten::add", "aten::mul", "aten::sub", "aten::div", "aten::sum",
+                                                        "aten::mean", "aten::cat", "aten::pow", "aten::var", "aten::fill_",
+                                                        "aten::zero_", "aten::neg", "aten::rsub", "aten::sqrt")))
+
+
+def profile_step(runner, steps):
+    """ms per step of each PROFILE_GROUPS group over `steps` steps (self time, so nothing counts twice);
+    "the rest" is allocation, views, autograd and dispatch bookkeeping."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            runner["step"]()
+    groups = dict.fromkeys([g for g, _ in PROFILE_GROUPS] + ["the rest"], 0.0)
+    for e in prof.key_averages():
+        g = next((g for g, keys in PROFILE_GROUPS if any(k in e.key for k in keys)), "the rest")
+        groups[g] += e.self_cpu_time_total / steps / 1e3
+    return groups
 
 
 def format_table(result):
@@ -485,6 +537,13 @@ def format_table(result):
         lines.append(f"| {r['name']} | {r['img_per_s']:.1f} | {r['gflop_per_img']:.3f} | {r['gflop_per_s']:.0f} | "
                      f"{r['of_ceiling']:.2f} | {r['warmup_s']:.1f} | {r.get('peak_mib', float('nan')):.0f} | "
                      + " | ".join(f"{r[k]:.2f}" if k in r else "" for k in ratio_keys) + " |")
+    if "profile" in result:
+        names = list(result["profile"])
+        lines += ["", "| where a step's time goes (torch.profiler, ms/step and share) | " + " | ".join(names) + " |",
+                  "|---" * (1 + len(names)) + "|"]
+        for g in result["profile"][names[0]]:
+            lines.append(f"| {g} | " + " | ".join(f"{p[g]:.1f} ({p[g] / sum(p.values()):.0%})"
+                                                for p in result["profile"].values()) + " |")
     if "memory" in result:
         lines += ["", "| memory (fresh process each) | batch | encoder tokens/step | peak MiB |", "|---|---|---|---|"]
         lines += [f"| {k} | {m['batch']} | {m['encoder_tokens']} | {m['peak_mib']:.0f} |" for k, m in result["memory"].items()]
@@ -538,7 +597,7 @@ class PeerDecoder(nn.Module):
         self.decoder_embed = nn.Linear(D, Dd)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
         self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(Dd, grid, grid), requires_grad=False)
-        self.decoder_blocks = timm_blocks(DECODER_DEPTH, Dd, Dd // 32)
+        self.decoder_blocks = timm_blocks(cfg["decoder_depth"], Dd, Dd // 32)
         self.decoder_norm = nn.LayerNorm(Dd, eps=1e-6)
         self.decoder_pred = nn.Linear(Dd, cfg["patch_size"] ** 2 * 3)
         nn.init.normal_(self.mask_token, std=0.02)
@@ -590,7 +649,8 @@ class LightlyMAE(nn.Module):
         self.p, self.seq_len = p, self.backbone.sequence_length
         self.decoder_embed = nn.Linear(spec["embed_dim"], cfg["decoder_dim"])
         self.decoder = MaskedVisionTransformerDecoderTIMM(
-            num_patches=vit.patch_embed.num_patches, embed_dim=cfg["decoder_dim"], depth=DECODER_DEPTH,
+            num_patches=vit.patch_embed.num_patches, embed_dim=cfg["decoder_dim"],
+            depth=cfg["decoder_depth"],
             num_heads=cfg["decoder_dim"] // 32)
         self.decoder_pred = nn.Linear(cfg["decoder_dim"], p * p * 3)
 

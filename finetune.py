@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import data
 from models import (MODELS, bf16_is_fast, evaluate, load_encoder, param_groups, plot_curves, read_checkpoint,
-                    read_log, resolve_device, save_checkpoint)
+                    read_log, resolve_device, reuse_freed_memory, save_checkpoint)
 
 # MAE's fine-tuning recipe (its ViT-B ImageNet values), with fewer epochs for CIFAR/STL; for
 # synthetic, a laptop-CPU lab without the heavy regularisers (they slow a 15-epoch run down)
@@ -104,6 +104,8 @@ def cosine_lr(step, total, warmup, base):
 def setup(args):
     """torchrun or a single process: (device, rank, world size, autocast context, its name)."""
     device, rank, world = resolve_device(args.device), 0, 1
+    if device.type == "cpu":
+        reuse_freed_memory()            # no page faults for every step's activations: 1.2-1.35x
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from models import MODELS, bf16_is_fast, extract_features, knn_predict, load_encoder, per_class_accuracy, resolve_device
+from models import (MODELS, bf16_is_fast, extract_features, knn_predict, load_encoder, per_class_accuracy, resolve_device,
+                    reuse_freed_memory)
 
 def get_args(argv=None):
     p = data.ArgumentParser(description=__doc__)
@@ -89,6 +90,8 @@ def cache_key(args, encoder, train):
 def main(args):
     # ---- setup
     device = resolve_device(args.device)
+    if device.type == "cpu":
+        reuse_freed_memory()            # no page faults for every step's activations: 1.2-1.35x
     use_bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_is_fast(device))
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     torch.manual_seed(args.seed)

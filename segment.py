@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 import data
 from models import (UNet, bf16_is_fast, dice_iou, fill_holes, keep_largest_components, label_components,
-                    param_groups, plot_curves, read_checkpoint, read_log, resolve_device, save_checkpoint, seg_loss)
+                    param_groups, plot_curves, read_checkpoint, read_log, resolve_device,
+                    reuse_freed_memory, save_checkpoint, seg_loss)
 
 
 def get_args(argv=None):
@@ -234,6 +235,8 @@ def resume(raw_model, opt, path, explicit):
 def train(args):
     # ---- setup
     device = resolve_device(args.device)
+    if device.type == "cpu":
+        reuse_freed_memory()            # no page faults for every step's activations: 1.2-1.35x
     setup_cpu(device)
     amp, precision = autocast(args, device)
     out_dir = args.output_dir
