@@ -502,7 +502,8 @@ def main(args):
 
 # (group, pieces of torch.profiler op names); the first group that matches takes the op's self time
 PROFILE_GROUPS = (("matmuls", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "convolution")),
-                  ("attention softmax", ("softmax",)), ("LayerNorm", ("layer_norm",)), ("GELU", ("gelu",)),
+                  ("attention softmax (or fused attention)", ("softmax", "scaled_dot_product", "flash_attention")),
+                  ("LayerNorm", ("layer_norm",)), ("GELU", ("gelu",)),
                   ("copies and dtype casts", ("aten::copy_", "aten::_to_copy", "aten::clone")),
                   ("optimiser (fused AdamW)", ("adamw", "Optimizer")), ("EMA teacher update", ("lerp", "foreach_copy")),
                   ("masks, noise, gathers", ("gather", "scatter", "sort", "index", "normal_", "uniform_", "where")),

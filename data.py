@@ -206,7 +206,7 @@ def check_labels(y, n, num_classes, source):
     bad = np.nonzero((y < 0) | (y >= num_classes))[0]
     if len(bad):
         raise ValueError(f"{source}: label {y[bad[0]]:g} at index {bad[0]} is outside 0..{num_classes - 1} "
-                         f"({num_classes} classes; {len(bad)} such label(s)); labels must be 0 <= y < the number of classes")
+                         f"({num_classes} classes; {len(bad)} such label(s)); labels must be 0 <= y < classes")
     return torch.from_numpy(y.astype(np.int64))
 
 

@@ -532,13 +532,10 @@ def param_groups(model, weight_decay, layer_decay=None):
 
 
 def reuse_freed_memory():
-    """Keep freed memory in the process (Linux, glibc) instead of handing it back to the kernel.
-
-    glibc returns large freed blocks at once (munmap, heap trimming), so every training step takes
-    its activations back from the kernel, one page fault per 4 KiB: ~100,000 per DS-MAE step at
-    bench.py's C1, and that step 1.2-1.35x slower (2-core EPYC, README's Speed). What a process holds
-    then stays at its peak between steps, as with any caching allocator. False where there is no
-    glibc (macOS, Windows, musl): nothing changes there."""
+    """Keep freed memory in the process (Linux, glibc) instead of handing it back to the kernel, which
+    made every training step fault its activations in again, 4 KiB at a time (C1 DS-MAE: ~100,000
+    faults per step; README's Speed). The process then holds its peak, as any caching allocator does.
+    False without glibc (macOS, Windows, musl): nothing changes there."""
     import ctypes
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
