@@ -415,8 +415,8 @@ def measure_data_memory(args):
 
 def main(args):
     device = torch.device(args.device)
-    if device.type == "cpu" and args.reuse_memory:
-        reuse_freed_memory()
+    if args.reuse_memory:
+        reuse_freed_memory(device)
     cfg = dict(CONFIGS[args.config])
     if args.batch_size:
         cfg["batch_size"] = args.batch_size
@@ -467,14 +467,14 @@ def main(args):
     for name, r in runners.items():
         if not r["times"]:
             continue
-        ips = cfg["batch_size"] / statistics.median(r["times"])
+        ips = rate(r)
         row = dict(name=name, precision=r["precision"], img_per_s=ips, gflop_per_img=r["flops"] / 1e9,
                    gflop_per_s=r["flops"] * ips / 1e9, of_ceiling=r["flops"] * ips / ceilings[r["precision"]],
                    warmup_s=r["warmup_s"], step_s=r["times"])
         if "peak_mib" in r:
             row["peak_mib"] = r["peak_mib"]
         if "synthetic" in r:
-            row["of_synthetic"] = ips / (cfg["batch_size"] / statistics.median(runners[r["synthetic"]]["times"]))
+            row["of_synthetic"] = ips / rate(runners[r["synthetic"]])
         for peer, peer_ips in best.items():   # ours against the same method's peers at their best; peers: none
             if "peer" not in r and "synthetic" not in r and peer.endswith("dsmae") == name.startswith("dsmae"):
                 row[f"x {peer}"] = ips / peer_ips

@@ -704,8 +704,7 @@ def main(args):
     # ---- setup
     t_start = time.time()
     device = resolve_device(args.device)
-    if device.type == "cpu":
-        reuse_freed_memory()            # else every step faults its activations in again (README, Speed)
+    reuse_freed_memory(device)          # on a CPU; else every step faults its activations in again
     # auto: bf16 where it is fast, but not for ResNets on a CPU: there convolutions ran 1.8x slower in bf16
     # than in fp32 (resnet18, 32 px, AVX512-BF16 without AMX, measured 2026-11-26)
     use_bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_is_fast(device) and

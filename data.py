@@ -14,8 +14,9 @@ Sources, each read from its real on-disk format:
   folder     one subfolder of images per class (optionally under train/ and test/)
   dicom      chest X-rays: a folder of .dcm files (or PNG/JPEG exports), a labels CSV, lung masks
              (see add_data_args); decoded once and cached as uint8
-Unlabelled images (STL-10 unlabeled, an npz without y) have y = None, so that nothing can
-train a classifier or a k-NN on them by accident.
+Labels are checked as they are read (check_labels); unlabelled images (STL-10 unlabeled, an npz
+without y) have y = None, so nothing trains a classifier or a k-NN on them by accident. What the
+scripts' command lines share, the data flags among them: Number (a flag's range), ArgumentParser.
 """
 import argparse
 import copy
@@ -520,11 +521,11 @@ def load_npz(path, split):
     if x.dtype != np.uint8 or x.ndim not in (3, 4):
         raise ValueError(f"{path}: x{key} must be uint8 (N, H, W, C) or (N, H, W), got {x.dtype} {x.shape}")
     # the classes: class_names, else up to the largest label of either split, so that train and test agree
-    labels = [np.asarray(d[k]) for k in ("y", "y_test") if k in d]
-    finite = [a[np.isfinite(a)] for a in labels if a.dtype.kind in "iubf"]
+    labels = {k: np.asarray(d[k]) for k in ("y", "y_test") if k in d}      # an npz decompresses on every read
+    finite = [a[np.isfinite(a)] for a in labels.values() if a.dtype.kind in "iubf"]
     classes = [str(c) for c in d["class_names"]] if "class_names" in d else \
         [str(c) for c in range(int(max((a.max() for a in finite if a.size), default=-1)) + 1)]
-    y = check_labels(d["y" + key], len(x), len(classes), f"{path}: y{key}") if "y" + key in d else None
+    y = check_labels(labels["y" + key], len(x), len(classes), f"{path}: y{key}") if "y" + key in labels else None
     # (N, C, H, W) views of the file's (N, H, W, C) array: one copy at the end, of the chosen images only
     nchw = lambda a: torch.from_numpy(a if a.ndim == 4 else a[..., None]).permute(0, 3, 1, 2)
     x = nchw(x)

@@ -104,8 +104,7 @@ def cosine_lr(step, total, warmup, base):
 def setup(args):
     """torchrun or a single process: (device, rank, world size, autocast context, its name)."""
     device, rank, world = resolve_device(args.device), 0, 1
-    if device.type == "cpu":
-        reuse_freed_memory()            # else every step faults its activations in again (README, Speed)
+    reuse_freed_memory(device)          # on a CPU; else every step faults its activations in again
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()

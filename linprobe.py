@@ -90,8 +90,7 @@ def cache_key(args, encoder, train):
 def main(args):
     # ---- setup
     device = resolve_device(args.device)
-    if device.type == "cpu":
-        reuse_freed_memory()            # else every step faults its activations in again (README, Speed)
+    reuse_freed_memory(device)          # on a CPU; else every step faults its activations in again
     use_bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_is_fast(device))
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     torch.manual_seed(args.seed)
@@ -117,9 +116,11 @@ def main(args):
         train = train.first(args.max_train)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    if train.y is None or test.y is None or len(test) == 0 or len(train) < 2:
-        raise SystemExit(f"error: {args.dataset} has no labels (or no test images, or fewer than 2 training images) "
-                         f"here; a probe needs a labelled train and test split")
+    if train.y is None or test.y is None or len(test) == 0:
+        raise SystemExit(f"error: {args.dataset} has no labels (or no test images) here; a probe needs a labelled "
+                         f"train and test split")
+    if len(train) < 2:
+        raise SystemExit(f"error: {len(train)} training image: the probe's BatchNorm needs 2 or more (--max-train)")
     if train.x.shape[1] != encoder.in_chans:
         raise SystemExit(f"error: the encoder takes {encoder.in_chans} channels, {args.dataset} has {train.x.shape[1]}")
     num_classes = len(train.classes)

@@ -531,12 +531,14 @@ def param_groups(model, weight_decay, layer_decay=None):
     return [groups[k] for k in sorted(groups)]           # decay before no decay, layer by layer
 
 
-def reuse_freed_memory():
-    """Keep freed memory in the process (Linux, glibc) instead of handing it back to the kernel, which
-    made every training step fault its activations in again, 4 KiB at a time (C1 DS-MAE: ~100,000
-    faults per step; README's Speed). The process then holds its peak, as any caching allocator does.
-    False without glibc (macOS, Windows, musl): nothing changes there."""
+def reuse_freed_memory(device):
+    """Training on a CPU: keep freed memory in the process (Linux, glibc) instead of handing it back to
+    the kernel, which made every step fault its activations in again, 4 KiB at a time (C1 DS-MAE:
+    55,000-105,000 faults per step; README's Speed). The process then holds its peak, as any caching
+    allocator does. False on other devices and without glibc (macOS, Windows, musl): nothing changes."""
     import ctypes
+    if device.type != "cpu":
+        return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):

@@ -136,14 +136,14 @@ def get_args(argv=None):
     if args.img_size % args.patch_size:
         p.error(f"--img-size {args.img_size} is not divisible by --patch-size {args.patch_size}")
     n, depth = (args.img_size // args.patch_size) ** 2, MODELS[args.model]["depth"]
-    if not 0 < round(args.mask_ratio * n) < n:
+    if args.method == "mae" and not 0 < round(args.mask_ratio * n) < n:
         p.error(f"--mask-ratio {args.mask_ratio} masks {round(args.mask_ratio * n)} of the {n} patches: it must leave "
                 f"some to encode and some to predict")
-    if round(args.noise_ratio * n) == 0:
+    if args.method == "dsmae" and round(args.noise_ratio * n) == 0:
         p.error(f"--noise-ratio {args.noise_ratio} noises none of the {n} patches")
-    if args.target_blocks > depth:
+    if args.method == "dsmae" and args.target_blocks > depth:
         p.error(f"--target-blocks {args.target_blocks}: {args.model} has {depth} blocks")
-    if args.decoder_input == "regressor" and not 0 < args.lam < 1:
+    if args.method == "dsmae" and args.decoder_input == "regressor" and not 0 < args.lam < 1:
         p.error(f"--decoder-input regressor chains the two branches: it needs 0 < --lam < 1, not {args.lam}")
     return args
 
@@ -159,8 +159,7 @@ def cosine_lr(step, total, warmup, base, min_lr=0.0):
 def setup(args):
     """torchrun or a single process: (device, rank, world size, autocast context, its name)."""
     device, rank, world = resolve_device(args.device), 0, 1
-    if device.type == "cpu":
-        reuse_freed_memory()            # else every step faults its activations in again (README, Speed)
+    reuse_freed_memory(device)          # on a CPU; else every step faults its activations in again
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()

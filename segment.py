@@ -235,8 +235,7 @@ def resume(raw_model, opt, path, explicit):
 def train(args):
     # ---- setup
     device = resolve_device(args.device)
-    if device.type == "cpu":
-        reuse_freed_memory()            # else every step faults its activations in again (README, Speed)
+    reuse_freed_memory(device)          # on a CPU; else every step faults its activations in again
     setup_cpu(device)
     amp, precision = autocast(args, device)
     out_dir = args.output_dir
