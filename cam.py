@@ -54,7 +54,7 @@ def target_class(s):
 
 
 def get_args(argv=None):
-    p = data.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", action="append", required=True,
                    help="classifier checkpoint (finetune.py, curriculum.py); repeat to compare models")
     p.add_argument("--name", action="append", default=None, help="one per --checkpoint (default: its folder)")
@@ -76,10 +76,11 @@ def get_args(argv=None):
     p.add_argument("--panels", type=data.Number(int, "[-1, inf)"), default=-1, help="write panels for the first N "
                    "images (-1: all)")
     p.add_argument("--grid", type=data.NONNEG_INT, default=16, help="images in each model's grid.png")
-    p.add_argument("--panel-size", type=data.Number(int, "[32, inf)"), default=192, help="pixels per tile in the "
+    p.add_argument("--panel-size", type=data.Number(int, "[96, inf)"), default=192, help="pixels per tile in the "
                    "panels")
     data.add_data_args(p)
     p.set_defaults(variant=None)              # None: each checkpoint's own training variant
+    data.finish_parser(p)
     return p.parse_args(argv)
 
 

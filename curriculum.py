@@ -24,7 +24,6 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
 from datetime import date
 
 import torch
@@ -33,8 +32,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from models import (DSMAE, EMA, MAE, MODELS, RESNETS, ViT, bf16_is_fast, build_resnet, ema_momentum, evaluate,
-                    extract_features, knn_predict, param_groups, per_class_accuracy, resolve_device,
+from models import (DSMAE, EMA, MAE, MODELS, RESNETS, Preemption, ViT, autocast, build_resnet, ema_momentum,
+                    evaluate, extract_features, knn_predict, param_groups, per_class_accuracy, resolve_device,
                     reuse_freed_memory, save_checkpoint)
 
 PRETEXT = ("rotation", "relloc", "moco", "swav", "simclr", "byol", "dino", "mae", "dsmae")
@@ -42,7 +41,7 @@ LR_GRID = data.Number(float, "[0, inf)", items=True)      # 0: a control that ca
 
 
 def get_args(argv=None):
-    p = data.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="synthetic", choices=data.DATASETS)
     p.add_argument("--data-dir", default="data")
     p.add_argument("--download", action="store_true")
@@ -105,6 +104,7 @@ def get_args(argv=None):
     p.add_argument("--decoder-dim", type=data.Number(int, "[4, inf)", multiple=4), default=128)
     p.add_argument("--decoder-depth", type=data.POS_INT, default=2)
     data.add_data_args(p)
+    data.finish_parser(p)
     return p.parse_args(argv)
 
 
@@ -483,22 +483,23 @@ class Pooled(nn.Module):
         return self.backbone(x)[:, None]
 
 
-def train_epochs(task, opt, ds, lr, e0, e1, epochs, batch_size, seed, device, amp, desc):
+def train_epochs(task, opt, ds, lr, e0, e1, epochs, batch_size, seed, device, amp, desc, stop, save, resumed=None):
     """Epochs e0..e1-1 of a cosine schedule over `epochs` (5% linear warm-up): a trial runs the first
     --search-epochs of the full run, so the best one continues on the same schedule. Crops, rotations
-    and masks depend only on (seed, step): every lr of a grid sees the same views."""
+    and masks depend only on (seed, step): every lr of a grid sees the same views. After every step
+    stop() is asked; when the run is told to stop, save(running state) writes it and the process exits.
+    resumed: such a state, to continue from its step instead of e0's first."""
     steps = len(ds) // batch_size
     if steps == 0:
         raise SystemExit(f"error: {len(ds)} training images are fewer than one batch of {batch_size}")
     total, warmup = epochs * steps, max(1, epochs * steps // 20)
-    loss = float("nan")
+    loss, step = float("nan"), (resumed or {}).get("step", e0 * steps)
     task.train()
-    for epoch in range(e0, e1):
-        sums = torch.zeros((), device=device)
-        bar = tqdm(data.epoch_batches(len(ds), batch_size, epoch, seed), total=steps, leave=False,
-                   desc=f"{desc} ep {epoch + 1}/{epochs}", dynamic_ncols=True)
-        for i, idx in enumerate(bar):
-            step = epoch * steps + i
+    for epoch in range(step // steps, e1):
+        sums = torch.zeros((), device=device) + (resumed["loss_sum"] if resumed and epoch == step // steps else 0)
+        bar = tqdm(data.epoch_batches(len(ds), batch_size, epoch, seed, start=step % steps), total=steps,
+                   initial=step % steps, leave=False, desc=f"{desc} ep {epoch + 1}/{epochs}", dynamic_ncols=True)
+        for idx in bar:
             torch.manual_seed(seed * 1_000_003 + step)
             for g in opt.param_groups:
                 g["lr"] = cosine_lr(step, total, warmup, lr)
@@ -511,6 +512,11 @@ def train_epochs(task, opt, ds, lr, e0, e1, epochs, batch_size, seed, device, am
             opt.zero_grad(set_to_none=True)
             task.step_done(step, total)
             sums += l.detach()
+            step += 1
+            if stop() and step < e1 * steps:           # mid-run: the state at this step, then exit
+                bar.close()
+                stop.exit(f"step {step}", save(dict(task=task.state_dict(), opt=opt.state_dict(), step=step,
+                                          loss_sum=sums.item())))
         loss = sums.item() / steps
         if not math.isfinite(loss):
             raise SystemExit(f"error: {desc}: loss is {loss} in epoch {epoch + 1}; lower the learning rate")
@@ -555,7 +561,7 @@ NOT_CONFIG = ("output_dir", "results", "device", "precision", "num_workers", "ca
 def stage_config(args, name):
     """Every other flag: a finished stage or trial is reused only if all of them match. Pretext stages
     leave out the classifier's cls_* flags, which cannot change them, so runs differing only in the
-    classifier share their pretext stages (README: a second classifier schedule retrains only the
+    classifier share their pretext stages (docs/curriculum.md: a second classifier schedule retrains only the
     classifiers). Other stages' flags (--mask-ratio for rotation) stay: stricter than needed, but there
     is no list of which flag belongs to which stage to keep in step with get_args."""
     return {k: v for k, v in vars(args).items()
@@ -581,10 +587,11 @@ def stage_settings(name, args):
     return kind, grid, args.epochs, args.search_epochs, args.batch_size
 
 
-def run_stage(name, sdir, backbone, dim, args, train, val, device, amp, extra=None):
+def run_stage(name, sdir, backbone, dim, args, train, val, device, amp, stop, extra=None):
     """One stage: an lr trial per grid value from the backbone's current weights, the best continued to
     the stage's epochs; writes sdir/trials.json and sdir/final.pt (with `extra`), whose backbone weights it
-    leaves loaded, then deletes the trial weights. A finished stage is read back; finished trials not rerun.
+    leaves loaded, then deletes the trial weights. A finished stage is read back; finished trials not rerun;
+    a trial or continuation stopped by a signal (stop) resumes from sdir/running.pt at the step it stopped.
     Returns final.pt's dict and the task (for the classifier, task.model is the classifier)."""
     kind, grid, epochs, search_epochs, batch_size = stage_settings(name, args)
     cfg, final_path = stage_config(args, name), os.path.join(sdir, "final.pt")
@@ -601,8 +608,24 @@ def run_stage(name, sdir, backbone, dim, args, train, val, device, amp, extra=No
         task = make_task(name, backbone, dim, aug, plain, args, batch_size, len(train.classes), len(train))
         return task.to(device), make_optimizer(kind, task, lr)
 
-    def run(task, opt, lr, e0, e1):                                   # -> train loss, validation score
-        loss = train_epochs(task, opt, train, lr, e0, e1, epochs, batch_size, args.seed, device, amp, f"{name} lr {lr:g}")
+    running_path = os.path.join(sdir, "running.pt")
+
+    def run(task, opt, lr, e0, e1, phase):                            # -> train loss, validation score
+        def save(state):                                              # what a signal leaves: this phase, this step
+            save_checkpoint(dict(state, phase=phase, config=cfg), running_path)
+            return running_path
+        resumed = None
+        if os.path.exists(running_path):
+            resumed = torch.load(running_path, map_location="cpu", weights_only=True)
+            check_config(resumed["config"], cfg, running_path)
+            if resumed["phase"] != phase:                             # another phase's: not ours to continue
+                resumed = None
+        if resumed:
+            task.load_state_dict(resumed["task"])
+            opt.load_state_dict(resumed["opt"])
+            print(f"  {name} lr {lr:g}: resumed from {running_path} at step {resumed['step']}")
+        loss = train_epochs(task, opt, train, lr, e0, e1, epochs, batch_size, args.seed, device, amp,
+                            f"{name} lr {lr:g}", stop, save, resumed)
         return loss, score_task(task, backbone, train, val, args.search_metric, batch_size, device, amp)
 
     os.makedirs(sdir, exist_ok=True)
@@ -621,10 +644,12 @@ def run_stage(name, sdir, backbone, dim, args, train, val, device, amp, extra=No
             check_config(trial["config"], cfg, path)
         else:
             (task, opt), t1 = fresh(lr), time.time()
-            loss, score = run(task, opt, lr, 0, min(search_epochs, epochs))
+            loss, score = run(task, opt, lr, 0, min(search_epochs, epochs), f"trial {lr:g}")
             trial = dict(task=task.state_dict(), opt=opt.state_dict(), lr=lr, loss=loss, config=cfg, score=score,
                          seconds=time.time() - t1)
             save_checkpoint(trial, path)
+            if stop():
+                stop.exit(f"trial lr {lr:g} of {name}", path)
         trials[lr] = trial["score"]
         print(f"  {name} lr {lr:g}: score {trial['score']:.2f} (train loss {trial['loss']:.4f}, {trial['seconds']:.0f}s)")
     best = max(grid, key=lambda lr: trials[lr])                       # ties: the earlier grid value
@@ -634,14 +659,18 @@ def run_stage(name, sdir, backbone, dim, args, train, val, device, amp, extra=No
     opt.load_state_dict(trial["opt"])
     score = trial["score"]
     if epochs > search_epochs:                                        # the best trial continues where it stopped
-        score = run(task, opt, best, search_epochs, epochs)[1]
+        score = run(task, opt, best, search_epochs, epochs, f"continue {best:g}")[1]
     done = dict(model=(task.model if name == "classify" else backbone).state_dict(), stage=name, lr=best, score=score,
                 trials={f"{k:g}": v for k, v in trials.items()}, seconds=time.time() - t0, config=cfg, **(extra or {}))
     save_checkpoint(done, final_path)
     with open(os.path.join(sdir, "trials.json"), "w") as f:
-        json.dump(dict(stage=name, best_lr=best, score=score, trials=done["trials"], seconds=done["seconds"]), f, indent=1)
-    for lr in grid:
-        os.remove(os.path.join(sdir, f"trial_lr{lr:g}.pt"))
+        json.dump(dict(stage=name, best_lr=best, score=score, trials=done["trials"], seconds=done["seconds"]), f,
+                  indent=1)
+    for path in [os.path.join(sdir, f"trial_lr{lr:g}.pt") for lr in grid] + [running_path]:
+        if os.path.exists(path):
+            os.remove(path)
+    if stop():
+        stop.exit(f"stage {name}", final_path)
     return done, task
 
 
@@ -707,10 +736,8 @@ def main(args):
     reuse_freed_memory(device)          # on a CPU; else every step faults its activations in again
     # auto: bf16 where it is fast, but not for ResNets on a CPU: there convolutions ran 1.8x slower in bf16
     # than in fp32 (resnet18, 32 px, AVX512-BF16 without AMX, measured 2026-11-26)
-    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_is_fast(device) and
-                                            (device.type == "cuda" or args.backbone not in RESNETS))
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    resnet_on_cpu = device.type != "cuda" and args.backbone in RESNETS
+    amp, precision = autocast("fp32" if resnet_on_cpu and args.precision == "auto" else args.precision, device)
     stages = [s for s in args.stages.split(",") if s]
     for s in stages:
         if s not in PRETEXT:
@@ -753,19 +780,20 @@ def main(args):
                 args=vars(args), **(dict(encoder_config=bcfg) if args.backbone not in RESNETS else {}))
     print(f"curriculum {' -> '.join(names)} | {args.backbone} ({dim}-d) on {args.dataset} "
           f"({args.variant}), {args.img_size}px | {len(train)} train, {len(val)} val ({val_source}), {len(test)} test, "
-          f"{len(train.classes)} classes | {device} | {'bf16' if use_bf16 else 'fp32'} | {out_dir}")
+          f"{len(train.classes)} classes | {device} | {precision} | {out_dir}")
 
     # ---- pretext stages, then the classifier; a stage's folder is named by the stages up to it
     done, seconds = [], 0.0
-    for i, name in enumerate(names):
-        cls = name == "classify"
-        stage, task = run_stage(name, os.path.join(out_dir, "-".join(names[:i + 1])), backbone, dim, args, train, val,
-                                device, amp, meta if cls else None)
-        seconds += stage["seconds"]
-        done.append(stage)
-        unit = "mean per-class %" if cls or args.search_metric == "knn" else \
-            "accuracy" if name in ("rotation", "relloc") else "-loss"
-        print(f"stage {i + 1} {name}: lr {stage['lr']:g}, validation score {stage['score']:.2f} ({unit})")
+    with Preemption() as stop:              # SIGTERM, SIGUSR1, SIGINT: save at this step (running.pt), exit
+        for i, name in enumerate(names):
+            cls = name == "classify"
+            stage, task = run_stage(name, os.path.join(out_dir, "-".join(names[:i + 1])), backbone, dim, args, train,
+                                    val, device, amp, stop, meta if cls else None)
+            seconds += stage["seconds"]
+            done.append(stage)
+            unit = "mean per-class %" if cls or args.search_metric == "knn" else \
+                "accuracy" if name in ("rotation", "relloc") else "-loss"
+            print(f"stage {i + 1} {name}: lr {stage['lr']:g}, validation score {stage['score']:.2f} ({unit})")
 
     # ---- test (once, with the chosen classifier), the results row
     metrics = evaluate(task.model, test.x, test.y, task.plain, len(test.classes), amp)

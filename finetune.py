@@ -15,7 +15,6 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -25,8 +24,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from models import (MODELS, bf16_is_fast, evaluate, load_encoder, param_groups, plot_curves, read_checkpoint,
-                    read_log, resolve_device, reuse_freed_memory, save_checkpoint)
+from models import (MODELS, Preemption, autocast, evaluate, load_encoder, param_groups, read_checkpoint,
+                    resolve_device, reuse_freed_memory, save_checkpoint)
 
 # MAE's fine-tuning recipe (its ViT-B ImageNet values), with fewer epochs for CIFAR/STL; for
 # synthetic, a laptop-CPU lab without the heavy regularisers (they slow a 15-epoch run down)
@@ -38,12 +37,12 @@ DEFAULTS = {
 
 
 def get_args(argv=None):
-    pre = data.ArgumentParser(add_help=False)
+    pre = data.finish_parser(argparse.ArgumentParser(add_help=False))
     pre.add_argument("--dataset", default="synthetic", choices=data.DATASETS)
     dataset = pre.parse_known_args(argv)[0].dataset
-    p = data.ArgumentParser(description=__doc__, epilog="defaults per --dataset: "
-                            + "; ".join(f"{k}: {v}" for k, v in DEFAULTS.items()) + "; without a checkpoint the "
-                            "model, image and patch size of data.GEOMETRY")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="defaults per --dataset: " + "; ".join(f"{k}: {v}" for k, v in DEFAULTS.items())
+                                + "; without a checkpoint the model, image and patch size of data.GEOMETRY")
     p.add_argument("--dataset", default="synthetic", choices=data.DATASETS)
     p.add_argument("--data-dir", default="data")
     p.add_argument("--download", action="store_true")
@@ -92,6 +91,7 @@ def get_args(argv=None):
                    help="random horizontal flips; --no-hflip where left and right differ (a task about sides)")
     data.add_data_args(p)
     p.set_defaults(**DEFAULTS.get(dataset, {}))              # before parsing, so --help shows them
+    data.finish_parser(p)
     return p.parse_args(argv)
 
 
@@ -113,10 +113,7 @@ def setup(args):
             torch.cuda.set_device(device)
     if args.batch_size % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by the {world} processes")
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_is_fast(device))
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    return device, rank, world, amp, "bf16" if bf16 else "fp32"
+    return device, rank, world, *autocast(args.precision, device)
 
 
 def resume(raw_model, opt, path, explicit):
@@ -187,7 +184,8 @@ def checkpoint_state(raw_model, opt, step, best, metrics, args, train):
     """What a resume needs, and what models.load_classifier and cam.py read."""
     return dict(model=raw_model.state_dict(), opt=opt.state_dict(), step=step, best=best, metrics=metrics,
                 args=vars(args), encoder_config=raw_model.config(), num_classes=len(train.classes), pool=args.pool,
-                data=dict(dataset=args.dataset, mean=list(train.mean), std=list(train.std), classes=list(train.classes)))
+                data=dict(dataset=args.dataset, mean=list(train.mean), std=list(train.std),
+                          classes=list(train.classes)))
 
 
 def end_of_epoch(raw_model, opt, step, epoch, train_loss, lr_now, t0, best, sets, args, out_dir, amp):
@@ -269,58 +267,64 @@ def main(args):
     max_steps = min(args.max_steps or total_steps, total_steps)
     start_epoch, first = divmod(step, steps_per_epoch)
     stats, t_saved = {}, time.time()
-    for epoch in range(start_epoch, args.epochs):
-        if step >= max_steps:
-            break
-        batches = data.epoch_batches(len(train), args.batch_size, epoch, args.seed, rank, world,
-                                     start=first if epoch == start_epoch else 0)
-        loss_sum, n_sum, t0 = torch.zeros((), device=device), 0, time.time()
-        bar = tqdm(total=steps_per_epoch, initial=first if epoch == start_epoch else 0, disable=not master,
-                   desc=f"ep {epoch + 1}/{args.epochs}", dynamic_ncols=True, leave=False)
-        for idx in batches:
-            torch.manual_seed((args.seed * 1_000_003 + step) * 4096 + rank)   # exact resumes
-            x, target = augment(images[idx.to(images.device)].to(device, non_blocking=True), labels[idx.to(device)])
-            lr_now = cosine_lr(step, total_steps, warmup_steps, lr)
-            for g in opt.param_groups:
-                g["lr"] = lr_now * g["lr_scale"]
-            with amp:
-                logits = model(x)
-            loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-            loss.backward()
-            if args.clip_grad:
-                nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip_grad)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-            n_sum += 1
-            step += 1
-            bar.update(1)
-            if master and step % steps_per_epoch and time.time() - t_saved >= 60 * args.save_every:
-                save_checkpoint(checkpoint_state(raw_model, opt, step, best, stats, args, train),
-                                os.path.join(out_dir, "ckpt.pt"))   # within the epoch: a kill loses minutes
-                t_saved = time.time()
+    with Preemption() as stop:              # SIGTERM, SIGUSR1, SIGINT: save at this step, exit
+        for epoch in range(start_epoch, args.epochs):
             if step >= max_steps:
                 break
-        bar.close()
+            batches = data.epoch_batches(len(train), args.batch_size, epoch, args.seed, rank, world,
+                                         start=first if epoch == start_epoch else 0)
+            loss_sum, n_sum, t0 = torch.zeros((), device=device), 0, time.time()
+            bar = tqdm(total=steps_per_epoch, initial=first if epoch == start_epoch else 0, disable=not master,
+                       desc=f"ep {epoch + 1}/{args.epochs}", dynamic_ncols=True, leave=False)
+            for idx in batches:
+                torch.manual_seed((args.seed * 1_000_003 + step) * 4096 + rank)   # exact resumes
+                x, target = augment(images[idx.to(images.device)].to(device, non_blocking=True), labels[idx.to(device)])
+                lr_now = cosine_lr(step, total_steps, warmup_steps, lr)
+                for g in opt.param_groups:
+                    g["lr"] = lr_now * g["lr_scale"]
+                with amp:
+                    logits = model(x)
+                loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+                loss.backward()
+                if args.clip_grad:
+                    nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip_grad)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                loss_sum += loss.detach()
+                n_sum += 1
+                step += 1
+                bar.update(1)
+                save = master and step % steps_per_epoch and time.time() - t_saved >= 60 * args.save_every
+                halt = stop() and step % steps_per_epoch and step < max_steps    # every rank asks; the epoch end saves
+                if save or halt:                                         # within the epoch: a kill loses minutes
+                    if master:
+                        save_checkpoint(checkpoint_state(raw_model, opt, step, best, stats, args, train),
+                                        os.path.join(out_dir, "ckpt.pt"))
+                    t_saved = time.time()
+                if halt:
+                    bar.close()
+                    stop.exit(f"step {step}", os.path.join(out_dir, "ckpt.pt"))
+                if step >= max_steps:
+                    break
+            bar.close()
 
-        # ---- end of epoch: every rank sees the same loss and stops alike; rank 0 evaluates and saves
-        if ddp:
-            dist.all_reduce(loss_sum)
-            loss_sum /= world
-        train_loss = loss_sum.item() / max(n_sum, 1)
-        if not math.isfinite(train_loss):
-            ckpt = os.path.join(out_dir, "ckpt.pt")
-            kept = f"{ckpt} is untouched" if os.path.exists(ckpt) else "no checkpoint was written"
-            raise SystemExit(f"error: loss is {train_loss} in epoch {epoch + 1}: stopping; {kept}. Lower --blr, or "
-                             f"try --precision fp32 or --clip-grad 1")
-        if master:
-            stats, best = end_of_epoch(raw_model, opt, step, epoch, train_loss, lr_now, t0, best, (train, test, val),
-                                       args, out_dir, amp)
-            t_saved = time.time()
+            # ---- end of epoch: every rank sees the same loss and stops alike; rank 0 evaluates and saves
+            if ddp:
+                dist.all_reduce(loss_sum)
+                loss_sum /= world
+            train_loss = loss_sum.item() / max(n_sum, 1)
+            if not math.isfinite(train_loss):
+                ckpt = os.path.join(out_dir, "ckpt.pt")
+                kept = f"{ckpt} is untouched" if os.path.exists(ckpt) else "no checkpoint was written"
+                raise SystemExit(f"error: loss is {train_loss} in epoch {epoch + 1}: stopping; {kept}. Lower --blr, or "
+                                 f"try --precision fp32 or --clip-grad 1")
+            if master:
+                stats, best = end_of_epoch(raw_model, opt, step, epoch, train_loss, lr_now, t0, best,
+                                           (train, test, val), args, out_dir, amp)
+                t_saved = time.time()
+            if stop() and step < max_steps:
+                stop.exit(f"step {step}", os.path.join(out_dir, "ckpt.pt"))
 
-    if master and os.path.exists(os.path.join(out_dir, "log.jsonl")):    # the run's curves, a panel per number
-        plot_curves({os.path.basename(os.path.normpath(out_dir)): read_log(out_dir)},
-                    os.path.join(out_dir, "curves.png"))
     if ddp:
         dist.barrier()
         dist.destroy_process_group()

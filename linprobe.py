@@ -17,7 +17,6 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -25,11 +24,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from models import (MODELS, bf16_is_fast, extract_features, knn_predict, load_encoder, per_class_accuracy, resolve_device,
-                    reuse_freed_memory)
+from models import (MODELS, Preemption, autocast, extract_features, knn_predict, load_encoder, per_class_accuracy,
+                    read_checkpoint, resolve_device, reuse_freed_memory, save_checkpoint)
 
 def get_args(argv=None):
-    p = data.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="synthetic", choices=data.DATASETS)
     p.add_argument("--data-dir", default="data")
     p.add_argument("--download", action="store_true")
@@ -58,9 +57,12 @@ def get_args(argv=None):
     p.add_argument("--weight-decay", type=data.NONNEG, default=0.0, help="MAE's probe uses none")
     p.add_argument("--warmup-epochs", type=data.NONNEG, default=10)
     p.add_argument("--augment", action="store_true", help="re-encode random crops + flips every epoch")
+    p.add_argument("--save-every", type=data.NONNEG, default=10, help="--augment: minutes between checkpoints (and one "
+                   "whenever the run is signalled to stop)")
     p.add_argument("--knn-k", type=data.POS_INT, default=20)
     p.add_argument("--knn-t", type=data.POS, default=0.07)
     data.add_data_args(p)
+    data.finish_parser(p)
     return p.parse_args(argv)
 
 
@@ -91,8 +93,7 @@ def main(args):
     # ---- setup
     device = resolve_device(args.device)
     reuse_freed_memory(device)          # on a CPU; else every step faults its activations in again
-    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_is_fast(device))
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    amp = autocast(args.precision, device)[0]
     torch.manual_seed(args.seed)
 
     # ---- frozen encoder: geometry from the checkpoint, else per dataset (the random-init baseline)
@@ -159,26 +160,50 @@ def main(args):
     print(f"probe on {args.pool} features ({x_train.shape[1]} dims) of {tag} | {n} train, {len(test)} test | "
           f"lr {lr:.3g} | {args.epochs} epochs{' | augmented' if args.augment else ''}")
 
-    # ---- loop
-    t_train, step = time.time(), 0
-    for epoch in tqdm(range(args.epochs), desc="probe", dynamic_ncols=True, leave=False):
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
-        for i in range(steps_per_epoch):
-            idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
-            if args.augment:                 # a new random view of each image, through the frozen encoder
-                x = data.augment(train.x[idx].to(device), encoder.img_size, train.mean, train.std)
-                with torch.no_grad(), amp:
-                    z = features(x)
-                feat = pooled(z[:, 0].float(), z[:, 1:].float().mean(dim=1), args.pool)
-            else:
-                feat = x_train[idx.to(device)]
-            for g in opt.param_groups:
-                g["lr"] = cosine_lr(step, total, warmup, lr)
-            loss = F.cross_entropy(probe(feat), y_train[idx.to(device)])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
+    # ---- resume: a checkpoint of this very probe (features, pool, schedule, seed) where an earlier run stopped
+    key = hashlib.sha1(json.dumps([cache_key(args, encoder, train), args.pool, args.epochs, args.batch_size, args.blr,
+                                   args.weight_decay, args.warmup_epochs, args.augment]).encode()).hexdigest()[:16]
+    ckpt_file, step = os.path.join(out_dir, f"probe_{key}.running.pt"), 0
+    if os.path.exists(ckpt_file):
+        try:
+            ckpt = read_checkpoint(ckpt_file)
+            probe.load_state_dict(ckpt["probe"])
+            opt.load_state_dict(ckpt["opt"])
+        except (ValueError, RuntimeError, KeyError) as e:
+            raise SystemExit(f"error: cannot resume from {ckpt_file} ({str(e).splitlines()[0]}); delete it to start "
+                             f"over")
+        step = ckpt["step"]
+        print(f"resumed from {ckpt_file} at step {step}")
+    save = lambda: save_checkpoint(dict(probe=probe.state_dict(), opt=opt.state_dict(), step=step), ckpt_file)
+
+    # ---- loop (random crops with --augment depend on (seed, step) alone: exact resumes)
+    t_train, t_saved = time.time(), time.time()
+    with Preemption() as stop:              # SIGTERM, SIGUSR1, SIGINT: save at this step, exit
+        for epoch in tqdm(range(step // steps_per_epoch, args.epochs), desc="probe", dynamic_ncols=True, leave=False):
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
+            for i in range(step % steps_per_epoch, steps_per_epoch):
+                idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
+                if args.augment:                 # a new random view of each image, through the frozen encoder
+                    torch.manual_seed(args.seed * 1_000_003 + step)
+                    x = data.augment(train.x[idx].to(device), encoder.img_size, train.mean, train.std)
+                    with torch.no_grad(), amp:
+                        z = features(x)
+                    feat = pooled(z[:, 0].float(), z[:, 1:].float().mean(dim=1), args.pool)
+                else:
+                    feat = x_train[idx.to(device)]
+                for g in opt.param_groups:
+                    g["lr"] = cosine_lr(step, total, warmup, lr)
+                loss = F.cross_entropy(probe(feat), y_train[idx.to(device)])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                if stop() and step < total:
+                    save()
+                    stop.exit(f"step {step}", ckpt_file)
+                if args.augment and time.time() - t_saved >= 60 * args.save_every:   # a kill loses minutes
+                    save()
+                    t_saved = time.time()
     t_train = time.time() - t_train
 
     # ---- evaluate: linear probe and k-NN on the un-augmented test features
@@ -196,9 +221,11 @@ def main(args):
           f"| --- | --- | --- | --- | --- | --- |\n"
           f"| {tag} | {args.pool} | {res['linear_top1']:.2f} | {res['knn_top1']:.2f} | "
           f"{res['mean_per_class']:.2f} | {t_train:.1f}s |")
-    torch.save(dict(probe=probe.state_dict(), args=vars(args), results=res), os.path.join(out_dir, "probe.pt"))
+    save_checkpoint(dict(probe=probe.state_dict(), args=vars(args), results=res), os.path.join(out_dir, "probe.pt"))
     with open(os.path.join(out_dir, "results.jsonl"), "a") as f:
         f.write(json.dumps(res) + "\n")
+    if os.path.exists(ckpt_file):                 # finished: the next run of the same command starts afresh
+        os.remove(ckpt_file)
     return res
 
 

@@ -1,38 +1,34 @@
-"""Vision Transformer, MAE, DS-MAE, EMA, losses and evaluation helpers: everything the stage
-scripts share except the data. Read top to bottom it builds the paper's method:
+"""The model side of the paper, in copy order: each section needs only those above it.
 
-  1. ViT              sin-cos table, attention, blocks, ViT, named sizes   (torch only: copy
-                      lines 1 to the end of MODELS and you have a working ViT)
-  2. MAE              patches, masking, pixel loss, decoder, MAE
-  3. DS-MAE           EMA teacher, feature targets and loss, DSMAE
-  4. training         the no-weight-decay rule (one place), bf16 detection, the CPU allocator
-  5. evaluation       k-NN, accuracy, features, loading encoders
-  6. ResNets and classifiers (torchvision imported lazily)
-  7. segmentation     a small U-Net for lung fields, Dice, connected components (copyable alone)
+  1. ViT        sin-cos table, attention, blocks, ViT, named sizes (torch only: lines 1 to the end of
+                MODELS are a working ViT on their own)
+  2. MAE        patches, masking, the pixel loss, the decoder, MAE
+  3. DS-MAE     the EMA teacher, its targets and the feature loss, DSMAE
+  4. encoders   what the stages share to evaluate and load one: k-NN, accuracy, features, checkpoints
+  5. ResNets    torchvision backbones (curriculum.py) and the classifiers cam.py loads
+  6. training   the no-weight-decay rule, device and precision, the CPU allocator, preemption
 
-Parameter names follow timm's VisionTransformer (patch_embed.proj, cls_token, pos_embed,
-blocks.N.attn.qkv, blocks.N.mlp.fc1, norm, head), so an encoder trained here loads into
-timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=2, num_classes=0).
-
-Shapes: B batch, N patches, M selected patches (masked or noised), D width, P = p*p*C pixels
-per patch.
+Parameter names follow timm's VisionTransformer (patch_embed.proj, cls_token, pos_embed, blocks.N.attn.qkv,
+blocks.N.mlp.fc1, norm, head): an encoder trained here loads into timm.create_model("vit_tiny_patch16_224", ...).
+Shapes: B batch, N patches, M selected patches (masked or noised), D width, P = p*p*C pixels per patch.
 """
+import contextlib
 import copy
 import math
 import os
+import signal
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 
-# ============================================================================= 1. ViT
+# ============================================================ 1. ViT
 
 def sincos_pos_embed(dim, grid_h, grid_w, cls_token=True):
-    """Fixed 2-D sine-cosine positional embedding, (1, [1 +] grid_h * grid_w, dim).
-
-    Half of the channels encode the row, half the column; the class token gets zeros.
-    """
+    """Fixed 2-D sine-cosine positional embedding (1, [1 +] grid_h * grid_w, dim): half of the channels encode the
+    row, half the column; the class token gets zeros."""
     assert dim % 4 == 0, f"embedding width {dim} must be divisible by 4 for 2-D sin-cos"
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
     rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
@@ -48,14 +44,9 @@ def sincos_pos_embed(dim, grid_h, grid_w, cls_token=True):
 
 
 def attention(q, k, v, return_weights=False):
-    """softmax(q k^T / sqrt(d)) v for (B, heads, N, d) inputs.
-
-    The fused kernel, except where the weights are wanted (attention maps) or in bf16 on a CPU:
-    there torch's fused kernel is slow (torch 2.14: its bf16 backward ~4x its fp32 one), and the
-    explicit form, two bf16 matmuls around a softmax, is faster at ViT sequence lengths (2-core EPYC,
-    AVX512-BF16: DS-MAE steps 1.4x at 65 tokens, 2-3x at 257, against fused attention in fp32). It
-    rounds as autocast's unfused attention on a GPU does, and stores the (B, heads, N, N)
-    probabilities for the backward: fine at these lengths, quadratic in N."""
+    """softmax(q k^T / sqrt(d)) v for (B, heads, N, d) inputs: the fused kernel, except where the weights are wanted
+    (attention maps) or in bf16 on a CPU, where torch's fused kernel is slow (its bf16 backward ~4x its fp32 one) and
+    two bf16 matmuls around a softmax made DS-MAE steps 1.4-3x faster (docs/speed.md); quadratic memory in N."""
     if return_weights or (q.device.type == "cpu" and q.dtype == torch.bfloat16):
         attn = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)   # (B, heads, N, N)
         return (attn @ v, attn) if return_weights else attn @ v
@@ -134,8 +125,7 @@ class PatchEmbed(nn.Module):
 
 
 def init_weights(module):
-    """MAE's initialisation: xavier-uniform linears (the patch projection seen as one), zero
-    biases, unit LayerNorms."""
+    """MAE's initialisation: xavier-uniform linears (the patch projection seen as one), zero biases, unit norms."""
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
@@ -147,12 +137,9 @@ def init_weights(module):
 
 
 class ViT(nn.Module):
-    """Vision Transformer encoder with a class token and a fixed sin-cos positional embedding.
-
-    forward_features(x) -> (B, 1 + N, D) normalised tokens; forward(x) -> head(pooled tokens).
-    embed() and encode() are the two halves of forward_features, so that MAE can drop tokens
-    between them.
-    """
+    """Vision Transformer encoder with a class token and a fixed sin-cos positional embedding. forward_features(x)
+    -> (B, 1 + N, D) normalised tokens; forward(x) -> head(pooled tokens). embed() and encode() are the two halves
+    of forward_features, so that MAE can drop tokens between them."""
 
     def __init__(self, *, img_size, patch_size, embed_dim, depth, num_heads, in_chans=3,
                  mlp_ratio=4.0, drop_path=0.0, num_classes=0, global_pool="token"):
@@ -228,7 +215,7 @@ MODELS = {
 }
 
 
-# ============================================================================= 2. MAE
+# ============================================================ 2. MAE
 
 def patchify(imgs, p):
     """(B, C, H, W) -> (B, N, p*p*C), patches in row-major order, pixels (row, col, channel)."""
@@ -252,8 +239,7 @@ def gather_tokens(x, idx):
 
 
 def random_subset(B, N, M, device):
-    """M of N indices per row, uniform without replacement (argsort of uniform noise).
-    Returns (chosen (B, M), rest (B, N - M))."""
+    """M of N indices per row, uniformly without replacement: (chosen (B, M), rest (B, N - M))."""
     order = torch.rand(B, N, device=device).argsort(dim=1)
     return order[:, :M], order[:, M:]
 
@@ -340,14 +326,11 @@ class MAE(nn.Module):
         return loss, dict(loss_y=loss.detach(), pred=pred.detach(), idx=masked, input=corrupted)
 
 
-# ============================================================================= 3. DS-MAE
+# ============================================================ 3. DS-MAE
 
 class EMA(nn.Module):
-    """Exponential moving average of a module: theta_ema <- m * theta_ema + (1 - m) * theta.
-
-    Serves as the DS-MAE teacher. The copy never takes gradients and always runs in eval mode
-    (no drop path); the update is one multi-tensor lerp over all parameters.
-    """
+    """Exponential moving average of a module, theta_ema <- m * theta_ema + (1 - m) * theta: the DS-MAE teacher.
+    It never takes gradients and always runs in eval mode (no drop path); one multi-tensor lerp per update."""
 
     def __init__(self, model):
         super().__init__()
@@ -371,22 +354,17 @@ class EMA(nn.Module):
 
 
 def ema_momentum(step, total_steps, start=0.96, end=0.99, batch=None, ref_batch=None):
-    """Cosine schedule of the EMA momentum: start at step 0, end at total_steps.
-
-    With batch and ref_batch, the momentum m set for ref_batch becomes m ** (batch / ref_batch):
-    the teacher then averages over the same number of images, 1 / (1 - m) steps of ref_batch,
-    whatever the batch (0.99 at 2048 is 0.99937 at 128)."""
+    """Cosine schedule of the EMA momentum, start at step 0 to end at total_steps. With ref_batch, m set for
+    ref_batch becomes m ** (batch / ref_batch): the same lag in images whatever the batch (0.99 at 2048 is
+    0.99937 at 128)."""
     t = min(step / max(total_steps, 1), 1.0)
     m = end - (end - start) * (math.cos(math.pi * t) + 1) / 2
     return m ** (batch / ref_batch) if batch and ref_batch else m
 
 
 def cosine_loss(pred, target, per_token=False):
-    """1 - cos(pred, target) for (B, M, D) tokens, averaged over images.
-
-    Default: DS-MAE's Eq. 2 as written, one cosine per image over the concatenated features
-    of its M tokens. per_token=True: the mean of M token-wise cosines instead.
-    """
+    """1 - cos(pred, target) for (B, M, D) tokens, averaged over images: Eq. 2 as written, one cosine per image over
+    its M tokens' concatenated features; per_token=True: the mean of M token-wise cosines."""
     pred, target = pred.float(), target.float()
     if per_token:
         return 1 - F.cosine_similarity(pred, target, dim=-1).mean()
@@ -401,13 +379,10 @@ def teacher_target(z, hidden, how="final"):
     normalised output, hidden the raw outputs of its last K blocks, each (B, N, D).
 
       final   z itself (the paper: "the teacher's output")
-      center  z minus its mean over the batch and the positions: removes the component every token
-              shares (the final LayerNorm's bias, the fixed positional table), which Eq. 2's
+      center  z minus its mean over batch and positions: without the part every token shares, which Eq. 2's
               single cosine over all tokens otherwise matches for free
       ln      the last block's output, LayerNorm'd per token without affine parameters
-      avg     data2vec's target: each of the K blocks' outputs instance-normalised (every channel
-              over the N tokens of its image), then averaged
-    """
+      avg     data2vec's: each of the K blocks' outputs instance-normalised over its image's tokens, averaged"""
     if how == "final":
         return z
     if how == "center":
@@ -420,21 +395,14 @@ def teacher_target(z, hidden, how="final"):
 
 
 class DSMAE(nn.Module):
-    """Denoising self-distillation masked autoencoder (Xu & Stirenko 2023).
-
-    The student encoder sees every patch, with Gaussian noise on a random noise_ratio of them.
-    Only the tokens of the noised patches go on, to
-      - the decoder, which predicts their clean pixels (L_y, Eq. 1; each patch normalised by its own
-        mean and variance unless norm_pix=False, the one choice the README's sweep found to help), and
-      - the regressor (2 blocks), which predicts the tokens an EMA teacher computes from the
-        clean image at the same patches (L_z, Eq. 2; which tokens: teacher_target).
-    L = lam * L_y + (1 - lam) * L_z. With lam = 1 there is no teacher and no regressor, with
-    lam = 0 no decoder: the branches are not built, so they cannot cost time or memory.
-    The regressor gets no extra positional embedding: its input tokens already carry one.
-    decoder_input="regressor" chains the branches instead (the paper's Fig. 1 text: "the decoder
-    maps the predicted noisy patch features back to the original image"; CAE's layout): the decoder
-    reads the regressor's predicted teacher tokens, not the student's.
-    """
+    """Denoising self-distillation masked autoencoder (Xu & Stirenko 2023). The student encoder sees every patch,
+    with Gaussian noise on a random noise_ratio of them. Only the noised patches' tokens go on, to
+      - the decoder, which predicts their clean pixels (L_y, Eq. 1; per-patch normalised unless norm_pix=False), and
+      - the regressor (2 blocks), which predicts the tokens an EMA teacher computes from the clean image at the
+        same patches (L_z, Eq. 2; which tokens: teacher_target).
+    L = lam * L_y + (1 - lam) * L_z; at lam 1 (or 0) the teacher and regressor (or the decoder) are not built.
+    decoder_input="regressor" chains the branches (the paper's Fig. 1 text; CAE's layout): the decoder reads the
+    regressor's predicted teacher tokens instead of the student's."""
 
     def __init__(self, encoder, *, decoder_dim=256, decoder_depth=4, regressor_depth=2,
                  noise_ratio=0.9, noise_std=1.0, noise_mode="add", lam=0.6, norm_pix=True,
@@ -442,10 +410,9 @@ class DSMAE(nn.Module):
         super().__init__()
         assert 0.0 <= lam <= 1.0 and noise_mode in ("add", "replace") and target in TEACHER_TARGETS
         assert decoder_input == "encoder" or 0 < lam < 1, "decoder_input='regressor' needs both branches"
-        self.decoder_input = decoder_input
         assert 1 <= target_blocks <= encoder.depth, f"target_blocks {target_blocks} not in 1..{encoder.depth}"
-        self.encoder = encoder
-        self.lam, self.noise_std, self.noise_mode = lam, noise_std, noise_mode
+        self.encoder, self.decoder_input, self.lam, self.noise_std, self.noise_mode = \
+            encoder, decoder_input, lam, noise_std, noise_mode
         self.norm_pix, self.per_token_cos = norm_pix, per_token_cos
         self.target, self.target_blocks = target, target_blocks
         p, grid = encoder.patch_size, encoder.grid
@@ -455,17 +422,15 @@ class DSMAE(nn.Module):
         if lam > 0:
             self.decoder = Decoder(encoder.embed_dim, grid, p * p * encoder.in_chans, decoder_dim, decoder_depth)
         if lam < 1:
-            self.teacher = EMA(encoder)
-            D = encoder.embed_dim
+            self.teacher, D = EMA(encoder), encoder.embed_dim
             self.regressor = nn.Sequential(*[Block(D, encoder.num_heads) for _ in range(regressor_depth)],
                                            nn.LayerNorm(D, eps=1e-6))
             init_weights(self.regressor)
 
     def add_noise(self, imgs, idx):
         """Noise on the patches idx (B, M) of imgs (B, C, H, W); other pixels stay bit-identical."""
-        enc = self.encoder
+        enc, eps = self.encoder, torch.randn_like(imgs)
         m = patch_mask_to_pixels(idx, enc.grid, enc.patch_size, imgs.shape[0], imgs.device).bool()
-        eps = torch.randn_like(imgs)
         noisy = eps if self.noise_mode == "replace" else imgs + self.noise_std * eps
         return torch.where(m, noisy, imgs)
 
@@ -498,176 +463,23 @@ class DSMAE(nn.Module):
         loss = self.lam * loss_y + (1 - self.lam) * loss_z
         return loss, parts
 
-    @torch.no_grad()
     def update_teacher(self, momentum):
         if self.teacher is not None:
             self.teacher.update(self.encoder, momentum)
 
 
-# ============================================================================= 4. training helpers
-
-NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed")
-
-
-def param_groups(model, weight_decay, layer_decay=None):
-    """AdamW parameter groups: no weight decay on norms, biases (every tensor of at most one
-    dimension) and the learned tokens and embeddings (NO_DECAY_NAMES), weight_decay elsewhere.
-
-    layer_decay (fine-tuning a ViT; BEiT, MAE): the embeddings are layer 0, block i is layer i + 1,
-    the final norm and the head layer depth + 1, and a layer's lr is scaled by
-    layer_decay ** (depth + 1 - layer), in each group's "lr_scale" (1 without layer decay)."""
-    depth, groups = len(getattr(model, "blocks", [])), {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        no_decay = p.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES
-        layer = depth + 1
-        if layer_decay is not None:
-            layer = 0 if name.startswith(("cls_token", "pos_embed", "patch_embed")) else \
-                int(name.split(".")[1]) + 1 if name.startswith("blocks.") else depth + 1
-        g = groups.setdefault((layer, no_decay), dict(params=[], weight_decay=0.0 if no_decay else weight_decay,
-                                                      lr_scale=(layer_decay or 1.0) ** (depth + 1 - layer)))
-        g["params"].append(p)
-    return [groups[k] for k in sorted(groups)]           # decay before no decay, layer by layer
-
-
-def reuse_freed_memory(device):
-    """Training on a CPU: keep freed memory in the process (Linux, glibc) instead of handing it back to
-    the kernel, which made every step fault its activations in again, 4 KiB at a time (C1 DS-MAE:
-    55,000-105,000 faults per step; README's Speed). The process then holds its peak, as any caching
-    allocator does. False on other devices and without glibc (macOS, Windows, musl): nothing changes."""
-    import ctypes
-    if device.type != "cpu":
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3                  # malloc.h
-    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30) and mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
-
-
-def bf16_is_fast(device):
-    """Whether bf16 autocast pays on this device: CUDA with bf16 support, or a CPU with native
-    bf16 matmuls (AMX or AVX512-BF16); elsewhere bf16 is emulated and slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def resolve_device(name):
-    """--device auto | cpu | cuda | cuda:N | mps as a torch.device, or SystemExit with one line when
-    the machine has no such device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SystemExit(f"error: --device {name}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise SystemExit(f"error: --device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s) visible to "
-                         f"torch; use --device cpu (or auto)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise SystemExit(f"error: --device {name}: no Apple GPU here; use --device cpu (or auto)")
-    return device
-
-
-def save_checkpoint(state, path):
-    """Atomic: written to path.tmp, then renamed over path, so a crash while writing leaves the
-    previous checkpoint intact. A failed write (a full disk) removes the temporary file and stops
-    the run with one line saying what is left."""
-    import shutil
-    tmp = path + ".tmp"
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:              # torch's zip writer reports a full disk as RuntimeError
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        why = e.strerror if isinstance(e, OSError) and e.strerror else "the write failed"
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2 ** 20
-        kept = f"the previous {path} is intact" if os.path.exists(path) else f"there was no earlier {path}"
-        raise SystemExit(f"error: could not write {path} ({why}; {free:.0f} MiB free on its disk); {kept}. Free "
-                         f"some space or choose another --output-dir, then rerun the command") from None
-
-
-CURVE_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207))
-
-
-def plot_curves(runs, path, keys=None, size=(300, 190)):
-    """Training curves as one PNG, drawn with Pillow: a panel per logged number (the loss branches,
-    lr, EMA momentum, k-NN, accuracy, Dice ...), epochs on x, one coloured line per run.
-
-    runs: {label: rows of a log.jsonl}; keys: which numbers (default: every one any run logged,
-    except bookkeeping). Each panel's y range is its own, printed at its corners."""
-    from PIL import Image, ImageDraw
-    skip = {"epoch", "step", "seconds", "img_per_s", "per_class"}
-    runs = {k: [r for r in v if isinstance(r, dict)] for k, v in runs.items()}
-    keys = keys or list(dict.fromkeys(k for rows in runs.values() for r in rows for k, v in r.items()
-                                      if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)))
-    W, H = size
-    cols = min(3, max(len(keys), 1))
-    img = Image.new("RGB", (W * cols, H * math.ceil(len(keys) / cols) + 18 * len(runs) + 6), "white")
-    draw = ImageDraw.Draw(img)
-    for n, key in enumerate(keys):
-        x0, y0 = (n % cols) * W, (n // cols) * H
-        pts = {lab: [(r["epoch"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "epoch" in r
-                     and math.isfinite(r[key])] for lab, rows in runs.items()}
-        xs = [x for p in pts.values() for x, _ in p] or [0, 1]
-        ys = [y for p in pts.values() for _, y in p] or [0, 1]
-        (xa, xb), (ya, yb) = (min(xs), max(xs) or 1), (min(ys), max(ys))
-        xb, yb = (xb if xb > xa else xa + 1), (yb if yb > ya else ya + abs(ya) * 0.1 + 1e-9)
-        left, top, right, bottom = x0 + 46, y0 + 20, x0 + W - 10, y0 + H - 24
-        draw.rectangle([left, top, right, bottom], outline=(160, 160, 160))
-        draw.text((x0 + 8, y0 + 4), key, fill="black")
-        draw.text((x0 + 2, top - 2), f"{yb:.3g}", fill=(90, 90, 90))
-        draw.text((x0 + 2, bottom - 10), f"{ya:.3g}", fill=(90, 90, 90))
-        draw.text((left, bottom + 4), f"{xa:g}", fill=(90, 90, 90))
-        draw.text((right - 40, bottom + 4), f"epoch {xb:g}", fill=(90, 90, 90))
-        for c, p in enumerate(pts.values()):
-            xy = [(left + (x - xa) / (xb - xa) * (right - left), bottom - (y - ya) / (yb - ya) * (bottom - top))
-                  for x, y in sorted(p)]
-            colour = CURVE_COLOURS[c % len(CURVE_COLOURS)]
-            if len(xy) > 1:
-                draw.line(xy, fill=colour, width=2)
-            for x, y in xy:
-                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-    for c, label in enumerate(runs):
-        y = img.height - 18 * (len(runs) - c) - 2
-        draw.rectangle([8, y + 4, 24, y + 10], fill=CURVE_COLOURS[c % len(CURVE_COLOURS)])
-        draw.text((30, y), label, fill="black")
-    img.save(path)
-    return path
-
-
-def read_log(path):
-    """The rows of a log.jsonl (a run folder or the file itself)."""
-    import json
-    path = os.path.join(path, "log.jsonl") if os.path.isdir(path) else path
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-# ============================================================================= 5. evaluation
+# ============================================================ 4. encoders: evaluate, save, load
 
 @torch.no_grad()
 def knn_predict(train_feats, train_labels, test_feats, num_classes, k=20, T=0.07, chunk=512):
-    """Weighted k-NN on cosine similarity, as in DINO: each of the k nearest training samples
-    votes for its class with weight exp(similarity / T). Returns (n_test,) predicted labels."""
+    """Weighted k-NN on cosine similarity (DINO): each of the k nearest training samples votes for its class with
+    weight exp(similarity / T). Returns (n_test,) predicted labels."""
     ## no training at all: a test image takes the label its nearest training images vote for.
     ## If images of a class sit close together in feature space, the features already "know" the
     ## class: the cheapest test of a representation, run during pretraining as a monitor
     assert train_labels is not None and (train_labels >= 0).all(), "k-NN needs labelled training features"
-    train = F.normalize(train_feats.float(), dim=1)
-    test = F.normalize(test_feats.float(), dim=1)
-    k = min(k, train.shape[0])
-    preds = []
+    train, test = F.normalize(train_feats.float(), dim=1), F.normalize(test_feats.float(), dim=1)
+    k, preds = min(k, train.shape[0]), []
     for i in range(0, test.shape[0], chunk):
         sim, nn_idx = (test[i:i + chunk] @ train.T).topk(k, dim=1)           # (n, k)
         votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
@@ -685,14 +497,12 @@ def per_class_accuracy(pred, y, num_classes):
 
 @torch.no_grad()
 def evaluate(model, images, labels, transform, num_classes, amp=None, batch_size=256):
-    """Top-1, mean per-class and per-class accuracy (%) of a classifier on uint8 images (n, C, H, W)
-    put through transform (uint8 batch on the model's device -> normalised float batch)."""
-    was_training = model.training
+    """Top-1, mean per-class and per-class accuracy (%) of a classifier on uint8 images (n, C, H, W) put through
+    transform (uint8 batch on the model's device -> normalised float batch)."""
+    was_training, device, preds = model.training, next(model.parameters()).device, []
     model.eval()
-    device = next(model.parameters()).device
-    preds = []
     for i in range(0, len(images), batch_size):
-        with amp if amp is not None else torch.autocast(device.type, enabled=False):
+        with amp or contextlib.nullcontext():
             preds.append(model(transform(images[i:i + batch_size].to(device))).argmax(dim=1))
     model.train(was_training)
     pred, y = torch.cat(preds), labels.to(device)
@@ -703,15 +513,13 @@ def evaluate(model, images, labels, transform, num_classes, amp=None, batch_size
 
 @torch.no_grad()
 def extract_features(encoder, images, transform, batch_size=256, device="cpu", amp=None):
-    """Class token and mean of the patch tokens, (n, D) each, for uint8 images (n, C, H, W) put
-    through transform (uint8 batch on device -> normalised float batch), in eval mode."""
-    was_training = encoder.training
+    """Class token and mean of the patch tokens, (n, D) each, for uint8 images (n, C, H, W) put through transform
+    (uint8 batch on device -> normalised float batch), in eval mode."""
+    was_training, cls, avg = encoder.training, [], []
     encoder.eval()
-    cls, avg = [], []
     for i in range(0, len(images), batch_size):
-        x = transform(images[i:i + batch_size].to(device))
-        with amp if amp is not None else torch.autocast(x.device.type, enabled=False):
-            z = encoder.forward_features(x)
+        with amp or contextlib.nullcontext():
+            z = encoder.forward_features(transform(images[i:i + batch_size].to(device)))
         cls.append(z[:, 0].float())
         avg.append(z[:, 1:].float().mean(dim=1))
     encoder.train(was_training)
@@ -719,8 +527,7 @@ def extract_features(encoder, images, transform, batch_size=256, device="cpu", a
 
 
 def read_checkpoint(path, what="checkpoint"):
-    """torch.load(weights_only=True) of a checkpoint this project wrote; ValueError naming the file
-    when it is missing, truncated or not a checkpoint at all."""
+    """torch.load(weights_only=True) of a checkpoint this project wrote; ValueError naming the file when it cannot."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -733,17 +540,30 @@ def read_checkpoint(path, what="checkpoint"):
     return ckpt
 
 
+def save_checkpoint(state, path):
+    """Atomic: written to path.tmp, then renamed over path, so a crash while writing leaves the previous checkpoint
+    intact. A failed write (a full disk) removes the temporary file and stops with one line saying what is left."""
+    import shutil
+    tmp = path + ".tmp"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:              # torch's zip writer reports a full disk as RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else "the write failed"
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2 ** 20
+        kept = f"the previous {path} is intact" if os.path.exists(path) else f"there was no earlier {path}"
+        raise SystemExit(f"error: could not write {path} ({why}; {free:.0f} MiB free on its disk); {kept}. Free "
+                         f"some space or choose another --output-dir, then rerun the command") from None
+
+
 def load_encoder(path=None, key="auto", *, model=None, img_size=None, patch_size=None, in_chans=None,
                  drop_path=0.0, num_classes=0, global_pool="token"):
-    """The ViT to evaluate: from a pretrain.py checkpoint (key 'teacher': the EMA encoder, 'student',
-    or 'auto': the teacher where there is one, DS-MAE's, else the student, MAE's), or freshly
-    initialised from MODELS[model] when path is None (the scratch baseline).
-
-    Arguments left None come from the checkpoint; given ones must agree with it, except the
-    image size: a new size keeps the patch size and changes the grid, and the fixed sin-cos
-    positional embedding is rebuilt for it (any other table is interpolated bicubically), with a
-    warning. Keys are matched strictly. The head is a new Linear(num_classes), or none when 0.
-    """
+    """The ViT to evaluate: from a pretrain.py checkpoint (key teacher: the EMA encoder; student; auto: the
+    teacher where there is one), or MODELS[model] at random initialisation when path is None (the scratch
+    baseline). Arguments left None come from the checkpoint and given ones must agree with it, except a new
+    image size, for which the sin-cos positional table is rebuilt, with a warning."""
     import warnings
     if path is None:
         if img_size % patch_size:
@@ -767,40 +587,28 @@ def load_encoder(path=None, key="auto", *, model=None, img_size=None, patch_size
     grid_old = cfg["img_size"] // cfg["patch_size"]
     cfg["img_size"] = img_size or cfg["img_size"]
     if cfg["img_size"] % cfg["patch_size"]:
-        raise ValueError(f"image size {cfg['img_size']} is not divisible by the patch size {cfg['patch_size']} of {path}")
+        raise ValueError(f"image size {cfg['img_size']} is not divisible by the patch size {cfg['patch_size']} of "
+                         f"{path}")
     enc = ViT(**cfg, drop_path=drop_path, global_pool=global_pool)
     state = dict(state)
-    if enc.grid != grid_old:
-        old, g = state["pos_embed"], grid_old
-        warnings.warn(f"positional embedding: grid {g}x{g} in {path}, {enc.grid}x{enc.grid} here")
-        if torch.allclose(old, sincos_pos_embed(old.shape[-1], g, g), atol=1e-6):
-            state["pos_embed"] = enc.pos_embed.clone()
-        else:
-            table = old[:, 1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
-            table = F.interpolate(table, size=(enc.grid, enc.grid), mode="bicubic", align_corners=False)
-            state["pos_embed"] = torch.cat([old[:, :1], table.flatten(2).transpose(1, 2)], dim=1)
+    if enc.grid != grid_old:                                     # the fixed sin-cos table, rebuilt for the new grid
+        warnings.warn(f"positional embedding: grid {grid_old}x{grid_old} in {path}, {enc.grid}x{enc.grid} here")
+        state["pos_embed"] = enc.pos_embed.clone()
     enc.load_state_dict(state)                                   # strict: a mismatch fails loudly
     if num_classes:
         enc.head = nn.Linear(enc.embed_dim, num_classes)
     return enc
 
 
-# ============================================================================= 6. ResNets, classifiers
+# ============================================================ 5. ResNets and classifiers
 
 RESNETS = ("resnet18", "resnet34", "resnet50")
 
 
 def build_resnet(arch, in_chans=3, img_size=32):
-    """torchvision ResNet (random init) as a backbone: fc replaced by Identity, so forward(x)
-    returns the globally average-pooled (B, out_dim) features; `out_dim` is 512 (resnet18/34)
-    or 2048 (resnet50). A classifier is the same module with `fc = nn.Linear(out_dim, classes)`.
-
-    Stem: for img_size <= 64 the CIFAR-style one (3x3 conv, stride 1, no max-pool), so that a
-    32 px image still leaves a 4x4 map for layer4 instead of 1x1; above 64 px torchvision's
-    ImageNet stem (7x7 conv, stride 2, 3x3 max-pool). For cam.py: the last feature map is the
-    output of `model.layer4`, (B, out_dim, img_size / 8, img_size / 8) with the small stem.
-    torchvision is imported here, not at the top: the rest of this file needs torch alone.
-    """
+    """torchvision ResNet (random init) whose forward returns the pooled (B, out_dim) features (fc is Identity;
+    a classifier sets fc = Linear(out_dim, classes)). At img_size <= 64 CIFAR's stem (3x3 conv, stride 1, no
+    max-pool), so a 32 px image leaves layer4 (cam.py's maps) a 4x4 map, not 1x1; above, ImageNet's."""
     import torchvision
     if arch not in RESNETS:
         raise ValueError(f"unknown ResNet {arch!r}; choose from {', '.join(RESNETS)}")
@@ -818,28 +626,20 @@ def build_resnet(arch, in_chans=3, img_size=32):
 
 
 def load_classifier(path, device="cpu"):
-    """A trained classifier and what is needed to feed it: (model in eval mode, meta).
-
-    Reads finetune.py checkpoints (a ViT with its head; encoder_config) and the final classifier
-    of curriculum.py (backbone "resnet18" | "resnet34" | "resnet50" | "vit_*" and backbone_config).
-    The model is a ViT with `head` = Linear (kind "vit"), or a torchvision ResNet from
-    build_resnet with `fc` = Linear (kind "cnn"); either maps (B, in_chans, img_size, img_size)
-    normalised images to (B, num_classes) logits. meta: kind, num_classes, classes, mean, std,
-    img_size, in_chans, pool ("cls" | "mean" for a ViT, "avg" for a ResNet).
-    """
+    """(model in eval mode, meta) from a finetune.py checkpoint (a ViT and its head) or curriculum.py's final
+    classifier (a ResNet or a ViT): normalised (B, in_chans, img_size, img_size) images -> (B, classes) logits.
+    meta: kind ("vit" | "cnn"), num_classes, classes, mean, std, img_size, in_chans, pool."""
     ckpt = read_checkpoint(path, "classifier checkpoint")
     if "num_classes" not in ckpt or ("encoder_config" not in ckpt and "backbone_config" not in ckpt):
         raise ValueError(f"{path} is neither a finetune.py nor a curriculum.py classifier checkpoint")
     name, num_classes = ckpt.get("backbone", "vit"), ckpt["num_classes"]
     cfg = dict(ckpt.get("backbone_config") or ckpt["encoder_config"])
     if name in RESNETS:
-        model = build_resnet(name, cfg["in_chans"], cfg["img_size"])
+        model, kind, pool = build_resnet(name, cfg["in_chans"], cfg["img_size"]), "cnn", "avg"
         model.fc = nn.Linear(model.out_dim, num_classes)
-        kind, pool = "cnn", "avg"
     else:
-        pool = ckpt.get("pool", "cls")
+        kind, pool = "vit", ckpt.get("pool", "cls")
         model = ViT(**cfg, num_classes=num_classes, global_pool="token" if pool == "cls" else "avg")
-        kind = "vit"
     model.load_state_dict(ckpt["model"])                             # strict: a mismatch fails loudly
     d = ckpt.get("data", {})
     meta = dict(kind=kind, num_classes=num_classes, classes=list(d.get("classes", range(num_classes))),
@@ -848,148 +648,101 @@ def load_classifier(path, device="cpu"):
     return model.to(device).eval(), meta
 
 
-# ============================================================================= 7. segmentation
-# Lung fields for radiographs without masks (thesis Fig. 3.1, section 3.2.1: a U-Net ran over every
-# image, stray blobs were dropped, then the segmented variants and AIL were built). Copyable alone:
-# torch (numpy lazily for the post-processing) and nothing above this line.
+# ============================================================ 6. training: device, precision, preemption
 
-class ConvBlock(nn.Module):
-    """Two 3x3 convolutions, each followed by GroupNorm and ReLU: the unit at every U-Net level.
-    GroupNorm, not BatchNorm: the same function of an image at batch 1 (predict), batch 16
-    (train) and in eval mode, so no running statistics to drift on another hospital's data."""
-
-    def __init__(self, cin, cout):
-        super().__init__()
-        g = math.gcd(8, cout)                          # 8 groups, fewer for the tiny test widths
-        self.net = nn.Sequential(
-            nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.GroupNorm(g, cout), nn.ReLU(inplace=True),
-            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.GroupNorm(g, cout), nn.ReLU(inplace=True))
-
-    def forward(self, x):
-        return self.net(x)
-
-
-class UNet(nn.Module):
-    """U-Net (Ronneberger et al. 2015), small: `depth` 2x2 max-pools, channels width * 2**level,
-    transposed-convolution upsampling, skip connections by concatenation. (B, in_chans, H, W) ->
-    (B, 1, H, W) logits for any H, W: the input is padded (replicating the edge) to a multiple of
-    2**depth and the output cropped back. width=16, depth=4: 1.9M parameters, 3.0 GMACs per
-    256x256 image (width 8: 0.5M, 0.76 GMACs)."""
-
-    def __init__(self, *, in_chans=1, width=16, depth=4):
-        super().__init__()
-        self.in_chans, self.width, self.depth = in_chans, width, depth
-        ch = [width * 2 ** i for i in range(depth + 1)]
-        self.down = nn.ModuleList([ConvBlock(in_chans, ch[0])] + [ConvBlock(ch[i], ch[i + 1]) for i in range(depth)])
-        self.up = nn.ModuleList([nn.ConvTranspose2d(ch[i + 1], ch[i], 2, stride=2) for i in reversed(range(depth))])
-        self.dec = nn.ModuleList([ConvBlock(2 * ch[i], ch[i]) for i in reversed(range(depth))])
-        self.head = nn.Conv2d(ch[0], 1, 1)
-
-    def config(self):
-        """The constructor's keyword arguments, for checkpoints: UNet(**ckpt["unet_config"])."""
-        return dict(in_chans=self.in_chans, width=self.width, depth=self.depth)
-
-    def forward(self, x):
-        H, W = x.shape[-2:]
-        m = 2 ** self.depth
-        if H % m or W % m:                             # odd sizes: pad right/bottom, crop the logits back
-            x = F.pad(x, (0, -W % m, 0, -H % m), mode="replicate")
-        skips = []
-        for i, block in enumerate(self.down):
-            x = block(x if i == 0 else F.max_pool2d(x, 2))
-            skips.append(x)
-        x = skips.pop()                                # the bottleneck, (B, width * 2**depth, H / m, W / m)
-        for up, block in zip(self.up, self.dec):
-            x = block(torch.cat([skips.pop(), up(x)], dim=1))
-        return self.head(x)[..., :H, :W]
+def param_groups(model, weight_decay, layer_decay=None):
+    """AdamW parameter groups: no weight decay on norms, biases (tensors of at most one dimension) and the learned
+    tokens, weight_decay elsewhere. layer_decay (fine-tuning; BEiT, MAE): embeddings are layer 0, block i layer
+    i + 1, the final norm and head depth + 1; a layer's lr is scaled by layer_decay ** (depth + 1 - layer)."""
+    depth, groups = len(getattr(model, "blocks", [])), {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim <= 1 or name.split(".")[-1] in ("cls_token", "mask_token", "pos_embed")
+        layer = depth + 1
+        if layer_decay is not None:
+            layer = 0 if name.startswith(("cls_token", "pos_embed", "patch_embed")) else \
+                int(name.split(".")[1]) + 1 if name.startswith("blocks.") else depth + 1
+        g = groups.setdefault((layer, no_decay), dict(params=[], weight_decay=0.0 if no_decay else weight_decay,
+                                                      lr_scale=(layer_decay or 1.0) ** (depth + 1 - layer)))
+        g["params"].append(p)
+    return [groups[k] for k in sorted(groups)]           # decay before no decay, layer by layer
 
 
-def soft_dice_loss(logits, target, eps=1.0):
-    """1 - soft Dice per image (probabilities, not thresholded), averaged over the batch. Per image,
-    so a small lung counts as much as a large one; eps keeps an empty mask's loss finite."""
-    p, t = torch.sigmoid(logits.float()).flatten(1), target.float().flatten(1)
-    return (1 - (2 * (p * t).sum(1) + eps) / (p.sum(1) + t.sum(1) + eps)).mean()
+def resolve_device(name):
+    """--device auto | cpu | cuda | cuda:N | mps as a torch.device; one line (SystemExit) when there is none such."""
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    except RuntimeError:
+        raise SystemExit(f"error: --device {name}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if (device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()) or \
+            (device.type == "mps" and not torch.backends.mps.is_available()):
+        raise SystemExit(f"error: --device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s) visible to "
+                         f"torch{'' if device.type == 'cuda' else ' and no Apple GPU'}; use --device cpu (or auto)")
+    return device
 
 
-def seg_loss(logits, target, bce_weight=1.0):
-    """Dice + BCE: Dice fits the overlap whatever the lung's share of the image, BCE gives every
-    pixel a gradient (Dice alone is slow to start from a random net). Returns (loss, parts)."""
-    dice = soft_dice_loss(logits, target)
-    bce = F.binary_cross_entropy_with_logits(logits.float(), target.float())
-    return bce_weight * bce + dice, dict(dice_loss=dice.detach(), bce=bce.detach())
+def bf16_is_fast(device):
+    """CUDA with bf16, or a CPU with native bf16 matmuls (AMX, AVX512-BF16); elsewhere bf16 is emulated, slower."""
+    try:
+        return torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and any(
+            f in open("/proc/cpuinfo").read() for f in ("amx_bf16", "avx512_bf16"))
+    except OSError:
+        return False
 
 
-def dice_iou(pred, true):
-    """Dice 2|P&T| / (|P| + |T|) and IoU |P&T| / |P|T| of binary masks, per image: (B, ...) ->
-    two (B,) float tensors. Both masks empty counts as a perfect 1."""
-    p, t = pred.bool().flatten(1), true.bool().flatten(1)
-    inter, ps, ts = (p & t).sum(1).double(), p.sum(1).double(), t.sum(1).double()
-    empty = (ps + ts) == 0
-    dice = torch.where(empty, 1.0, 2 * inter / (ps + ts).clamp_min(1))
-    iou = torch.where(empty, 1.0, inter / (ps + ts - inter).clamp_min(1))
-    return dice, iou
+def autocast(precision, device):
+    """--precision auto | bf16 | fp32 -> (context, "bf16" | "fp32"), auto: bf16 where bf16_is_fast; fp32 matmuls on a
+    GPU may use TF32."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if precision == "bf16" or (precision == "auto" and bf16_is_fast(device)):
+        return torch.autocast(device.type, dtype=torch.bfloat16), "bf16"
+    return contextlib.nullcontext(), "fp32"
 
 
-def label_components(mask, connectivity=8):
-    """Connected components of a binary (H, W) array (numpy or a CPU tensor): (labels (H, W) int32,
-    0 = background and 1..n largest first, areas (n,) int64 in that order).
-
-    By runs: every row's runs of foreground pixels are the nodes, runs in adjacent rows that
-    touch (overlap, or meet at a corner with connectivity 8) are joined in a union-find. A lung
-    mask has about two runs per row: about 1 ms for 256 x 256 (20 ms for 256 x 256 random noise),
-    without scipy."""
-    import numpy as np
-    m = np.asarray(mask).astype(bool)
-    H, W = m.shape
-    d = np.diff(np.pad(m, ((0, 0), (1, 1))).astype(np.int8), axis=1)
-    rows, start = np.nonzero(d == 1)                   # row-major order: runs sorted by (row, start)
-    end = np.nonzero(d == -1)[1]                       # exclusive end, paired with start in the same order
-    n = len(rows)
-    if n == 0:
-        return np.zeros((H, W), np.int32), np.zeros(0, np.int64)
-    # runs of row r - 1 touching run b of row r: a contiguous range [lo, hi) found by bisection on
-    # keys row * (W + 2) + column, increasing over all runs
-    stride, corner = W + 2, int(connectivity == 8)
-    lo = np.searchsorted(rows * stride + end, (rows - 1) * stride + start + 1 - corner, side="left")
-    hi = np.searchsorted(rows * stride + start, (rows - 1) * stride + end - 1 + corner, side="right")
-    parent = list(range(n))
-
-    def find(a):
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]              # path halving
-            a = parent[a]
-        return a
-
-    for b in np.nonzero(hi > lo)[0].tolist():
-        for a in range(lo[b], hi[b]):
-            ra, rb = find(a), find(b)
-            if ra != rb:
-                parent[max(ra, rb)] = min(ra, rb)
-    root = np.array([find(a) for a in range(n)])
-    _, comp = np.unique(root, return_inverse=True)
-    area = np.bincount(comp, weights=end - start).astype(np.int64)
-    order = np.argsort(-area, kind="stable")           # relabel largest first
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    labels = np.zeros((H, W), np.int32)
-    lengths = end - start
-    cols = np.repeat(start, lengths) + np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    labels[np.repeat(rows, lengths), cols] = np.repeat(rank[comp] + 1, lengths)
-    return labels, area[order]
+def reuse_freed_memory(device):
+    """On a CPU under glibc, keep freed memory in the process instead of handing it back to the kernel, which made
+    every step fault its activations in again (docs/speed.md). False, nothing changed, on other devices and libcs."""
+    import ctypes
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt if device.type == "cpu" else None
+    except (OSError, AttributeError):
+        return False
+    # M_MMAP_THRESHOLD (-3): blocks up to 1 GiB come from the heap; M_TRIM_THRESHOLD (-1): the heap never shrinks
+    return bool(mallopt and mallopt(-3, 1 << 30) and mallopt(-1, 2 ** 31 - 1))
 
 
-def keep_largest_components(mask, k=2, connectivity=8):
-    """The k largest connected components of a binary (H, W) mask (both lungs, k=2), as a bool
-    numpy array; stray blobs are dropped. 8-connectivity: pixels touching at a corner belong together."""
-    labels, _ = label_components(mask, connectivity)
-    return (labels > 0) & (labels <= k)
+class Preemption:
+    """Preempted, lose nothing: SIGTERM (a scheduler, a spot instance), SIGUSR1 (SLURM's --signal) or SIGINT
+    (Ctrl-C) only note the signal; the loop asks `if stop(): save(); stop.exit(f"step {step}", path)` after each
+    step, so the step in progress finishes, the checkpoint is written at it, and the process exits with 128 + the
+    signal (143 for SIGTERM: "terminated", which a scheduler can requeue on). A second signal is ignored.
+    Under torch.distributed the ranks' answers are combined every step (a 4-byte all-reduce on a gloo group, off
+    the GPU's stream): one signalled rank stops them all at the same step, none waits in a collective."""
 
+    def __enter__(self):
+        self.signum, signals = 0, [getattr(signal, s) for s in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, s)]
+        self.old = {s: signal.signal(s, lambda n, frame: setattr(self, "signum", self.signum or n)) for s in signals}
+        ddp = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.group = dist.new_group(backend="gloo") if ddp else None
+        return self
 
-def fill_holes(mask):
-    """Fill the holes of a binary (H, W) mask: background regions that do not reach the border
-    (4-connected, the complement of 8-connected foreground) become foreground. Bool numpy array."""
-    import numpy as np
-    m = np.asarray(mask).astype(bool)
-    labels, _ = label_components(~m, connectivity=4)
-    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-    return m | ~np.isin(labels, edge)
+    def __call__(self):
+        if self.group is not None:
+            flag = torch.tensor([self.signum])
+            dist.all_reduce(flag, dist.ReduceOp.MAX, group=self.group)
+            self.signum = int(flag)
+        return self.signum != 0
+
+    def exit(self, where, path):
+        """After rank 0 has saved `path`: every rank waits for it, rank 0 says so, and all exit with 128 + signal."""
+        if self.group is not None:
+            dist.barrier(group=self.group)
+        if self.group is None or dist.get_rank() == 0:
+            print(f"{signal.Signals(self.signum).name}: stopped after {where} and saved {path}; run the same command "
+                  f"again to resume (exit status {128 + self.signum})", flush=True)
+        raise SystemExit(128 + self.signum)
+
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)

@@ -19,13 +19,14 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from models import (DSMAE, MAE, MODELS, TEACHER_TARGETS, ViT, bf16_is_fast, ema_momentum, extract_features,
-                    knn_predict, param_groups, patchify, plot_curves, read_checkpoint, read_log, resolve_device,
-                    reuse_freed_memory, save_checkpoint, unpatchify)
+from models import (DSMAE, MAE, MODELS, TEACHER_TARGETS, Preemption, ViT, autocast, ema_momentum, extract_features,
+                    knn_predict, param_groups, patchify, read_checkpoint, resolve_device, reuse_freed_memory,
+                    save_checkpoint, unpatchify)
 
 # the paper's Table 1 for CIFAR and STL-10 (its batch 2048; 1024 for ViT-B on STL-10). For
 # synthetic, a laptop-CPU lab: a small model, a small batch, and a base lr that moves the weights
@@ -50,12 +51,13 @@ def dataset_defaults(name):
 
 
 def get_args(argv=None):
-    pre = data.ArgumentParser(add_help=False)
+    pre = data.finish_parser(argparse.ArgumentParser(add_help=False))
     pre.add_argument("--dataset", default="synthetic", choices=data.DATASETS)
     dataset = pre.parse_known_args(argv)[0].dataset
     table = "\n".join(f"  {k:10s} " + ", ".join(f"{a}={v}" for a, v in dataset_defaults(k).items()
                                                  if a not in PAPER or PAPER[a] != v) for k in DEFAULTS)
-    p = data.ArgumentParser(description=__doc__, epilog=f"defaults per --dataset (the rest: {PAPER}):\n{table}")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=f"defaults per --dataset (the rest: {PAPER}):\n{table}")
     # common flags, spelled the same in every script
     p.add_argument("--dataset", default="synthetic", choices=data.DATASETS)
     p.add_argument("--data-dir", default="data", help="folder holding the dataset (a .npz file for npz)")
@@ -97,8 +99,8 @@ def get_args(argv=None):
     p.add_argument("--mask-ratio", type=data.Number(float, "(0, 1)"), default=0.75, help="MAE: fraction of patches "
                    "masked (0.9 for X-rays)")
     p.add_argument("--norm-pix", action=argparse.BooleanOptionalAction, default=True, help="pixel targets "
-                   "normalised per patch (MAE's norm_pix_loss; the best measured for both methods, see the README's "
-                   "DS-MAE sweep); --no-norm-pix: the normalised pixels themselves")
+                   "normalised per patch (MAE's norm_pix_loss; the best measured for both methods, see "
+                   "docs/dsmae.md); --no-norm-pix: the normalised pixels themselves")
     p.add_argument("--decoder-dim", type=data.Number(int, "[4, inf)", multiple=4))
     p.add_argument("--decoder-depth", type=data.POS_INT)
     p.add_argument("--regressor-depth", type=data.POS_INT, default=2)
@@ -131,6 +133,7 @@ def get_args(argv=None):
                    "(and one at every epoch's end): a killed run loses at most this much")
     data.add_data_args(p)
     p.set_defaults(**dataset_defaults(dataset))              # before parsing, so --help shows them
+    data.finish_parser(p)
     args = p.parse_args(argv)
     # what the ranges alone cannot say: flags that must agree with each other
     if args.img_size % args.patch_size:
@@ -168,10 +171,7 @@ def setup(args):
             torch.cuda.set_device(device)
     if args.batch_size % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by the {world} processes")
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_is_fast(device))
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    return device, rank, world, amp, "bf16" if bf16 else "fp32"
+    return device, rank, world, *autocast(args.precision, device)
 
 
 def resume(raw_model, opt, path, explicit, say):
@@ -245,7 +245,8 @@ def knn_accuracy(encoder, train, test, img_size, device, amp, n_max, rank=0, wor
 
 @torch.no_grad()
 def save_reconstructions(model, imgs, mean, std, norm_pix, path):
-    """Grid of (input | reconstruction | original) triplets, two per row, like the paper's Fig. 2."""
+    """Grid of (input | reconstruction | original) triplets, two per row, like the paper's Fig. 2; each image scaled
+    up (nearest neighbour, so the patches stay sharp) to 96 px or more and the grid to 600 px or more."""
     was_training = model.training
     model.eval()
     with torch.random.fork_rng(devices=[imgs.device] if imgs.device.type == "cuda" else []):
@@ -267,8 +268,10 @@ def save_reconstructions(model, imgs, mean, std, norm_pix, path):
     m = torch.tensor(mean, device=imgs.device).view(1, -1, 1, 1)
     s = torch.tensor(std, device=imgs.device).view(1, -1, 1, 1)
     cells = torch.stack([(r.float() * s + m).clamp(0, 1) for r in rows], dim=1).flatten(0, 1)
+    cells = F.interpolate(cells, scale_factor=math.ceil(max(96, 600 / (2 * len(rows))) / cells.shape[-1]),
+                          mode="nearest")
     from torchvision.utils import save_image
-    save_image(cells, path, nrow=2 * len(rows), padding=1, pad_value=1.0)
+    save_image(cells, path, nrow=2 * len(rows), padding=2, pad_value=1.0)
 
 
 def save_picture(raw_model, args, epoch, vis_set, train_set, device, out_dir):
@@ -311,11 +314,8 @@ def read_losses(sums, n, ddp, world, step, ckpt_file, saved_step):
     return avg, loss
 
 
-def finish(out_dir, master, ddp):
-    """The run's curves.png, a panel per logged number; then the ranks part."""
-    if master and os.path.exists(os.path.join(out_dir, "log.jsonl")):
-        plot_curves({os.path.basename(os.path.normpath(out_dir)): read_log(out_dir)},
-                    os.path.join(out_dir, "curves.png"))
+def finish(ddp):
+    """The ranks part (rank 0 may still be writing)."""
     if ddp:
         dist.barrier()                                 # rank 0 may still be writing
         dist.destroy_process_group()
@@ -373,73 +373,83 @@ def main(args):
     save = lambda: save_checkpoint(checkpoint_state(raw_model, opt, step, steps_per_epoch, args, train_set), ckpt_file)
     start_epoch, first = divmod(step, steps_per_epoch)
     max_steps = min(args.max_steps or total_steps, total_steps)
-    for epoch in range(start_epoch, args.epochs):
-        if step >= max_steps:
-            break
-        batches = data.epoch_batches(len(train_set), args.batch_size, epoch, args.seed, rank, world,
-                                     start=first * args.accum_iter if epoch == start_epoch else 0)
-        sums = torch.zeros(3, device=device)           # loss, loss_y, loss_z, summed on the device
-        n_sum, t_epoch, t_log, steps_log = 0, time.time(), time.time(), 0
-        bar = tqdm(total=steps_per_epoch, initial=first if epoch == start_epoch else 0, disable=not master,
-                   desc=f"ep {epoch + 1}/{args.epochs}", dynamic_ncols=True, leave=False)
-        while step < max_steps and step < (epoch + 1) * steps_per_epoch:
-            lr_now = cosine_lr(step, total_steps, warmup_steps, lr, args.min_lr)
-            for g in opt.param_groups:
-                g["lr"] = lr_now
-            for micro in range(args.accum_iter):
-                # noise, masks and crops depend only on (seed, step, micro, rank): exact resumes
-                torch.manual_seed(((args.seed * 1_000_003 + step) * 64 + micro) * 4096 + rank)
-                idx = next(batches)
-                x = images[idx.to(images.device)].to(device, non_blocking=True)
-                x = data.augment(x, args.img_size, train_set.mean, train_set.std, scale=(args.crop_scale, 1.0)) \
-                    if args.aug else data.preprocess(x, args.img_size, train_set.mean, train_set.std)
-                sync = not ddp or micro == args.accum_iter - 1   # all-reduce gradients once per step
-                with nullcontext() if sync else model.no_sync():
-                    with amp:
-                        loss, parts = model(x)
-                    (loss / args.accum_iter).backward()
-                sums += torch.stack([loss.detach(), parts.get("loss_y", zero), parts.get("loss_z", zero)]).float()
-                n_sum += 1
-            if args.clip_grad:
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip_grad)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+    with Preemption() as stop:              # SIGTERM, SIGUSR1, SIGINT: save at this step, exit
+        for epoch in range(start_epoch, args.epochs):
+            if step >= max_steps:
+                break
+            batches = data.epoch_batches(len(train_set), args.batch_size, epoch, args.seed, rank, world,
+                                         start=first * args.accum_iter if epoch == start_epoch else 0)
+            sums = torch.zeros(3, device=device)           # loss, loss_y, loss_z, summed on the device
+            n_sum, t_epoch, t_log, steps_log = 0, time.time(), time.time(), 0
+            bar = tqdm(total=steps_per_epoch, initial=first if epoch == start_epoch else 0, disable=not master,
+                       desc=f"ep {epoch + 1}/{args.epochs}", dynamic_ncols=True, leave=False)
+            while step < max_steps and step < (epoch + 1) * steps_per_epoch:
+                lr_now = cosine_lr(step, total_steps, warmup_steps, lr, args.min_lr)
+                for g in opt.param_groups:
+                    g["lr"] = lr_now
+                for micro in range(args.accum_iter):
+                    # noise, masks and crops depend only on (seed, step, micro, rank): exact resumes
+                    torch.manual_seed(((args.seed * 1_000_003 + step) * 64 + micro) * 4096 + rank)
+                    idx = next(batches)
+                    x = images[idx.to(images.device)].to(device, non_blocking=True)
+                    x = data.augment(x, args.img_size, train_set.mean, train_set.std, scale=(args.crop_scale, 1.0)) \
+                        if args.aug else data.preprocess(x, args.img_size, train_set.mean, train_set.std)
+                    sync = not ddp or micro == args.accum_iter - 1   # all-reduce gradients once per step
+                    with nullcontext() if sync else model.no_sync():
+                        with amp:
+                            loss, parts = model(x)
+                        (loss / args.accum_iter).backward()
+                    sums += torch.stack([loss.detach(), parts.get("loss_y", zero), parts.get("loss_z", zero)]).float()
+                    n_sum += 1
+                if args.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip_grad)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if args.method == "dsmae":
+                    momentum = ema_momentum(step, total_steps, args.ema_start, args.ema_end, eff_batch,
+                                            args.ema_ref_batch)
+                    raw_model.update_teacher(momentum)
+                step += 1
+                steps_log += 1
+                bar.update(1)
+                if step % args.log_every == 0 or step >= max_steps or step % steps_per_epoch == 0:
+                    avg, loss_now = read_losses(sums, n_sum, ddp, world, step, ckpt_file, saved_step)
+                    bar.set_postfix_str(f"loss {loss_now:.4f} lr {lr_now:.2e} "
+                                        f"{steps_log * eff_batch / (time.time() - t_log):.0f} img/s")
+                    t_log, steps_log = time.time(), 0
+                if master and step % steps_per_epoch and time.time() - t_saved >= 60 * args.save_every:
+                    save()                                     # within the epoch: a kill loses minutes, not hours
+                    saved_step, t_saved = step, time.time()
+                if stop() and step % steps_per_epoch and step < max_steps:    # every rank asks; an epoch end saves
+                    bar.close()
+                    if master:
+                        save()
+                    stop.exit(f"step {step}", ckpt_file)
+            bar.close()
+
+            # ---- end of epoch (or of the run): k-NN monitor (every rank encodes a share), picture, log, save
+            seconds = time.time() - t_epoch
+            stats = dict(epoch=epoch + 1, step=step, loss=avg[0].item(), lr=lr_now,
+                         img_per_s=n_sum * args.batch_size / seconds, seconds=round(seconds, 2))
             if args.method == "dsmae":
-                momentum = ema_momentum(step, total_steps, args.ema_start, args.ema_end, eff_batch, args.ema_ref_batch)
-                raw_model.update_teacher(momentum)
-            step += 1
-            steps_log += 1
-            bar.update(1)
-            if step % args.log_every == 0 or step >= max_steps or step % steps_per_epoch == 0:
-                avg, loss_now = read_losses(sums, n_sum, ddp, world, step, ckpt_file, saved_step)
-                bar.set_postfix_str(f"loss {loss_now:.4f} lr {lr_now:.2e} "
-                                    f"{steps_log * eff_batch / (time.time() - t_log):.0f} img/s")
-                t_log, steps_log = time.time(), 0
-            if master and step % steps_per_epoch and time.time() - t_saved >= 60 * args.save_every:
-                save()                                     # within the epoch: a kill loses minutes, not hours
+                stats.update(momentum=momentum, loss_y=avg[1].item() if args.lam > 0 else None,
+                             loss_z=avg[2].item() if args.lam < 1 else None)
+            final = step >= max_steps
+            if knn_sets and (final or (args.knn_every and (epoch + 1) % args.knn_every == 0)):
+                stats.update(knn_accuracy(raw_model.encoder, *knn_sets, args.img_size, device, amp, args.knn_samples,
+                                          rank, world))
+            if master:
+                if final or (args.vis_every and (epoch + 1) % args.vis_every == 0):
+                    save_picture(raw_model, args, epoch, knn_sets[1] if knn_sets else train_set, train_set, device,
+                                 out_dir)
+                say(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
+                save()                                     # before the log line: a failed save logs nothing
+                append_log(out_dir, stats)
                 saved_step, t_saved = step, time.time()
-        bar.close()
+            if stop() and step < max_steps:
+                stop.exit(f"step {step}", ckpt_file)
 
-        # ---- end of epoch (or of the run): k-NN monitor (every rank encodes a share), picture, log, save
-        seconds = time.time() - t_epoch
-        stats = dict(epoch=epoch + 1, step=step, loss=avg[0].item(), lr=lr_now,
-                     img_per_s=n_sum * args.batch_size / seconds, seconds=round(seconds, 2))
-        if args.method == "dsmae":
-            stats.update(momentum=momentum, loss_y=avg[1].item() if args.lam > 0 else None,
-                         loss_z=avg[2].item() if args.lam < 1 else None)
-        final = step >= max_steps
-        if knn_sets and (final or (args.knn_every and (epoch + 1) % args.knn_every == 0)):
-            stats.update(knn_accuracy(raw_model.encoder, *knn_sets, args.img_size, device, amp, args.knn_samples,
-                                      rank, world))
-        if master:
-            if final or (args.vis_every and (epoch + 1) % args.vis_every == 0):
-                save_picture(raw_model, args, epoch, knn_sets[1] if knn_sets else train_set, train_set, device, out_dir)
-            say(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
-            save()                                     # before the log line: a failed save logs nothing
-            append_log(out_dir, stats)
-            saved_step, t_saved = step, time.time()
-
-    finish(out_dir, master, ddp)
+    finish(ddp)
     return dict(stats, step=step, out_dir=out_dir)
 
 

@@ -19,6 +19,7 @@ predict writes to --output-dir one <id>.png per image (0 or 255, at the image's 
 what --masks reads), masks.csv (id, lung fraction, confidence, components kept, flag) and
 overlay.png (the flagged images first); a flagged mask is written too, and listed: you decide.
 """
+import argparse
 import csv
 import hashlib
 import json
@@ -26,24 +27,23 @@ import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from models import (UNet, bf16_is_fast, dice_iou, fill_holes, keep_largest_components, label_components,
-                    param_groups, plot_curves, read_checkpoint, read_log, resolve_device,
-                    reuse_freed_memory, save_checkpoint, seg_loss)
+from models import (Preemption, autocast, param_groups, read_checkpoint, resolve_device, reuse_freed_memory,
+                    save_checkpoint)
 
 
 def get_args(argv=None):
-    p = data.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     modes = p.add_subparsers(dest="mode", required=True, metavar="{train,predict}", help="segment.py MODE --help "
                              "lists the mode's flags")
-    common = data.ArgumentParser(add_help=False)
+    common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data-dir", required=True, help="folder of .dcm (or .png/.jpg) radiographs, recursive")
     common.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     common.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="bf16 autocast; "
@@ -51,7 +51,8 @@ def get_args(argv=None):
     common.add_argument("--batch-size", type=data.POS_INT, default=16, help="images per step (and per forward in "
                         "predict)")
     common.add_argument("--num-workers", type=data.NONNEG_INT, default=4, help="threads decoding images")
-    t = modes.add_parser("train", parents=[common], formatter_class=data.HelpFormatter, help="fit a U-Net to image + "
+    raw = argparse.RawDescriptionHelpFormatter
+    t = modes.add_parser("train", parents=[common], formatter_class=raw, help="fit a U-Net to image + "
                          "mask pairs", description="Train the U-Net (see segment.py --help). Of the X-ray flags, "
                          "--labels, --classes, --split-*, --variant and --channels do not apply: images and masks "
                          "only.")
@@ -85,12 +86,17 @@ def get_args(argv=None):
                    "+- this")
     t.add_argument("--gamma", type=data.Number(float, "[0, 3]"), default=0.3, help="augmentation: pixels ** exp(+- "
                    "this), exposure")
+    t.add_argument("--equalize", action="store_true", help="histogram-equalise every image (train and predict): "
+                   "one contrast whatever the source")
+    t.add_argument("--opacity", type=data.Number(float, "[0, 1]"), default=0.0, help="augmentation: the share of "
+                   "training images given simulated opacities (opacify: blobs, a washed-out band or side, haze)")
+    t.add_argument("--opacity-kinds", default=",".join(OPACITIES), help="which opacities, comma-separated")
     t.add_argument("--hflip", action="store_true", help="mirror half the images; off by default: the heart "
                    "has a side, and so does every radiograph a hospital sends")
     t.add_argument("--save-every", type=data.NONNEG, default=10, help="minutes between checkpoints within an epoch "
                    "(and one at every epoch's end)")
     data.add_data_args(t)
-    q = modes.add_parser("predict", parents=[common], formatter_class=data.HelpFormatter, help="write a mask for every "
+    q = modes.add_parser("predict", parents=[common], formatter_class=raw, help="write a mask for every "
                          "image of a folder", description="Predict masks; see segment.py --help.")
     q.add_argument("--checkpoint", required=True, help="best.pt or ckpt.pt of segment.py train")
     q.add_argument("--output-dir", default=None, help="the masks folder (default: masks_<data-dir name> next to "
@@ -114,6 +120,7 @@ def get_args(argv=None):
     q.add_argument("--reference", default=None, help="a folder of known <id>.png masks: Dice and IoU of each "
                    "predicted mask at the image's own size in masks.csv, their summary, and worst.png (the five "
                    "lowest Dice, the reference outlined in blue)")
+    data.finish_parser(p)
     args = p.parse_args(argv)
     if args.mode == "train":
         if not args.masks:
@@ -124,26 +131,150 @@ def get_args(argv=None):
     return args
 
 
-def setup_cpu(device):
-    """On a CPU: keep freed memory in the process. glibc returns every block above 32 MB (a batch of
-    16 feature maps of 8 x 256 x 256 is 33 MB) to the kernel at free and takes fresh, page-faulting
-    pages at the next malloc; measured on the 2-core machine, a training step of this U-Net took
-    1.9 s that way and 1.3 s with these two settings (bf16; fp32: 3.7 s and 2.1 s)."""
-    if device.type != "cpu":
-        return
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-4, 0)              # M_MMAP_MAX: big blocks from the heap, not a fresh mmap each time
-        libc.mallopt(-1, 2 ** 31 - 1)    # M_TRIM_THRESHOLD: and the heap is not shrunk after every step
-    except (OSError, AttributeError):    # not glibc (macOS, musl): nothing to tune
-        pass
+# ----------------------------------------------------------------------------- the network: a small U-Net, its loss
+# (copyable alone with torch and numpy)
+
+class ConvBlock(nn.Module):
+    """Two 3x3 convolutions, each followed by GroupNorm and ReLU: the unit at every U-Net level.
+    GroupNorm, not BatchNorm: the same function of an image at batch 1 (predict), batch 16
+    (train) and in eval mode, so no running statistics to drift on another hospital's data."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        g = math.gcd(8, cout)                          # 8 groups, fewer for the tiny test widths
+        self.net = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.GroupNorm(g, cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.GroupNorm(g, cout), nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        return self.net(x)
 
 
-def autocast(args, device):
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_is_fast(device))
-    return (torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()), "bf16" if bf16 else "fp32"
+class UNet(nn.Module):
+    """U-Net (Ronneberger et al. 2015), small: `depth` 2x2 max-pools, channels width * 2**level,
+    transposed-convolution upsampling, skip connections by concatenation. (B, in_chans, H, W) ->
+    (B, 1, H, W) logits for any H, W: the input is padded (replicating the edge) to a multiple of
+    2**depth and the output cropped back. width=16, depth=4: 1.9M parameters, 3.0 GMACs per
+    256x256 image (width 8: 0.5M, 0.76 GMACs)."""
 
+    def __init__(self, *, in_chans=1, width=16, depth=4):
+        super().__init__()
+        self.in_chans, self.width, self.depth = in_chans, width, depth
+        ch = [width * 2 ** i for i in range(depth + 1)]
+        self.down = nn.ModuleList([ConvBlock(in_chans, ch[0])] + [ConvBlock(ch[i], ch[i + 1]) for i in range(depth)])
+        self.up = nn.ModuleList([nn.ConvTranspose2d(ch[i + 1], ch[i], 2, stride=2) for i in reversed(range(depth))])
+        self.dec = nn.ModuleList([ConvBlock(2 * ch[i], ch[i]) for i in reversed(range(depth))])
+        self.head = nn.Conv2d(ch[0], 1, 1)
+
+    def config(self):
+        """The constructor's keyword arguments, for checkpoints: UNet(**ckpt["unet_config"])."""
+        return dict(in_chans=self.in_chans, width=self.width, depth=self.depth)
+
+    def forward(self, x):
+        H, W = x.shape[-2:]
+        m = 2 ** self.depth
+        if H % m or W % m:                             # odd sizes: pad right/bottom, crop the logits back
+            x = F.pad(x, (0, -W % m, 0, -H % m), mode="replicate")
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        x = skips.pop()                                # the bottleneck, (B, width * 2**depth, H / m, W / m)
+        for up, block in zip(self.up, self.dec):
+            x = block(torch.cat([skips.pop(), up(x)], dim=1))
+        return self.head(x)[..., :H, :W]
+
+
+def soft_dice_loss(logits, target, eps=1.0):
+    """1 - soft Dice per image (probabilities, not thresholded), averaged over the batch. Per image,
+    so a small lung counts as much as a large one; eps keeps an empty mask's loss finite."""
+    p, t = torch.sigmoid(logits.float()).flatten(1), target.float().flatten(1)
+    return (1 - (2 * (p * t).sum(1) + eps) / (p.sum(1) + t.sum(1) + eps)).mean()
+
+
+def seg_loss(logits, target, bce_weight=1.0):
+    """Dice + BCE: Dice fits the overlap whatever the lung's share of the image, BCE gives every
+    pixel a gradient (Dice alone is slow to start from a random net). Returns (loss, parts)."""
+    dice = soft_dice_loss(logits, target)
+    bce = F.binary_cross_entropy_with_logits(logits.float(), target.float())
+    return bce_weight * bce + dice, dict(dice_loss=dice.detach(), bce=bce.detach())
+
+
+def dice_iou(pred, true):
+    """Dice 2|P&T| / (|P| + |T|) and IoU |P&T| / |P|T| of binary masks, per image: (B, ...) ->
+    two (B,) float tensors. Both masks empty counts as a perfect 1."""
+    p, t = pred.bool().flatten(1), true.bool().flatten(1)
+    inter, ps, ts = (p & t).sum(1).double(), p.sum(1).double(), t.sum(1).double()
+    empty = (ps + ts) == 0
+    dice = torch.where(empty, 1.0, 2 * inter / (ps + ts).clamp_min(1))
+    iou = torch.where(empty, 1.0, inter / (ps + ts - inter).clamp_min(1))
+    return dice, iou
+
+
+def label_components(mask, connectivity=8):
+    """Connected components of a binary (H, W) array (numpy or a CPU tensor): (labels (H, W) int32,
+    0 = background and 1..n largest first, areas (n,) int64 in that order).
+
+    By runs: every row's runs of foreground pixels are the nodes, runs in adjacent rows that
+    touch (overlap, or meet at a corner with connectivity 8) are joined in a union-find. A lung
+    mask has about two runs per row: about 1 ms for 256 x 256 (20 ms for 256 x 256 random noise),
+    without scipy."""
+    m = np.asarray(mask).astype(bool)
+    H, W = m.shape
+    d = np.diff(np.pad(m, ((0, 0), (1, 1))).astype(np.int8), axis=1)
+    rows, start = np.nonzero(d == 1)                   # row-major order: runs sorted by (row, start)
+    end = np.nonzero(d == -1)[1]                       # exclusive end, paired with start in the same order
+    n = len(rows)
+    if n == 0:
+        return np.zeros((H, W), np.int32), np.zeros(0, np.int64)
+    # runs of row r - 1 touching run b of row r: a contiguous range [lo, hi) found by bisection on
+    # keys row * (W + 2) + column, increasing over all runs
+    stride, corner = W + 2, int(connectivity == 8)
+    lo = np.searchsorted(rows * stride + end, (rows - 1) * stride + start + 1 - corner, side="left")
+    hi = np.searchsorted(rows * stride + start, (rows - 1) * stride + end - 1 + corner, side="right")
+    parent = list(range(n))
+
+    def find(a):
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]              # path halving
+            a = parent[a]
+        return a
+
+    for b in np.nonzero(hi > lo)[0].tolist():
+        for a in range(lo[b], hi[b]):
+            ra, rb = find(a), find(b)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+    root = np.array([find(a) for a in range(n)])
+    _, comp = np.unique(root, return_inverse=True)
+    area = np.bincount(comp, weights=end - start).astype(np.int64)
+    order = np.argsort(-area, kind="stable")           # relabel largest first
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    labels = np.zeros((H, W), np.int32)
+    lengths = end - start
+    cols = np.repeat(start, lengths) + np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    labels[np.repeat(rows, lengths), cols] = np.repeat(rank[comp] + 1, lengths)
+    return labels, area[order]
+
+
+def keep_largest_components(mask, k=2, connectivity=8):
+    """The k largest connected components of a binary (H, W) mask (both lungs, k=2), as a bool
+    numpy array; stray blobs are dropped. 8-connectivity: pixels touching at a corner belong together."""
+    labels, _ = label_components(mask, connectivity)
+    return (labels > 0) & (labels <= k)
+
+
+def fill_holes(mask):
+    """Fill the holes of a binary (H, W) mask: background regions that do not reach the border
+    (4-connected, the complement of 8-connected foreground) become foreground. Bool numpy array."""
+    m = np.asarray(mask).astype(bool)
+    labels, _ = label_components(~m, connectivity=4)
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    return m | ~np.isin(labels, edge)
+
+
+# ----------------------------------------------------------------------------- training
 
 def cosine_lr(step, total, warmup, base, min_lr=0.0):
     """Linear warm-up over `warmup` steps, then cosine decay to min_lr at `total`."""
@@ -179,14 +310,67 @@ def augment(x, m, args, mean, std):
     flip = torch.where(torch.rand(B, device=dev) < 0.5, -1.0, 1.0) if args.hflip else torch.ones(B, device=dev)
     theta = torch.stack([torch.stack([a.cos() / s * flip, -a.sin() / s, u(2 * args.translate)], 1),
                          torch.stack([a.sin() / s * flip, a.cos() / s, u(2 * args.translate)], 1)], 1)
-    both = torch.cat([x.float() / 255, m.float()], 1)
+    both = torch.cat([x.float() / 255, m.float(), (x > 0).float()], 1)     # image, mask, image not padding
     grid = F.affine_grid(theta, both.shape, align_corners=False)
     both = F.grid_sample(both, grid, mode="bilinear", padding_mode="zeros", align_corners=False)   # black, as padded
-    img, mask = both[:, :1], (both[:, 1:] > 0.5).float()
+    img, mask = both[:, :1], (both[:, 1:2] > 0.5).float()
     img = img.clamp(0, 1) ** u(args.gamma).exp().view(B, 1, 1, 1)
     mu = img.mean((2, 3), keepdim=True)
     img = ((img - mu) * (1 + u(args.contrast)).view(B, 1, 1, 1) + mu + u(args.brightness).view(B, 1, 1, 1)).clamp(0, 1)
+    if args.opacity:
+        img = opacify(img, mask, args.opacity, args.opacity_kinds.split(","), within=both[:, 2:] > 0.5)
     return data.normalize(img, mean, std), mask
+
+
+OPACITIES = ("blobs", "band", "side", "haze")
+
+
+def opacify(img, mask, p, kinds=OPACITIES, within=None, grid=64):
+    """Simulated opacities on a batch of radiographs in [0, 1] (B, 1, S, S) with their lung masks: each image,
+    with probability p, is blended toward a bright level (soft tissue: an opaque lung looks like the heart) by a
+    weight map of one kind, with a cloudy texture:
+      blobs  3-10 soft patches centred in the lungs (consolidation, patchy infiltrates, nodules)
+      band   the chest below a random height, across the whole width (effusions, basal consolidation)
+      side   one side of the chest (a white lung: a large effusion, collapse)
+      haze   a veil over the whole image (diffuse bilateral opacity: ARDS, oedema)
+    The label stays the lung: the network has to find lungs it cannot see from the ribs, heart and diaphragm
+    around them. No edge follows the lung outline, so the opacity itself never gives the answer away; `within`
+    (bool, like img) keeps it off the black padding."""
+    B, dev = img.shape[0], img.device
+    r = lambda *shape: torch.rand(*shape, device=dev)
+    yy, xx = torch.meshgrid(*(torch.linspace(0, 1, grid, device=dev),) * 2, indexing="ij")
+    # blobs: centres drawn from the lung pixels (anywhere when an image has none)
+    where = F.adaptive_max_pool2d(mask, grid).flatten(1) + 1e-4
+    idx = torch.multinomial(where, 10, replacement=True)                            # (B, 10)
+    cy, cx = ((idx // grid + r(B, 10)) / grid)[..., None, None], ((idx % grid + r(B, 10)) / grid)[..., None, None]
+    sigma = (0.03 + 0.12 * r(B, 10))[..., None, None]
+    amp = (0.4 + 0.6 * r(B, 10)) * (torch.arange(10, device=dev) < 3 + 8 * r(B, 1))  # 3 to 10 blobs
+    blobs = (amp[..., None, None] * torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * sigma ** 2))).sum(1)
+    soft = (0.01 + 0.06 * r(B))[:, None, None]
+    band = torch.sigmoid((yy - (0.4 + 0.5 * r(B))[:, None, None]) / soft)
+    side = torch.sigmoid((xx - (0.4 + 0.2 * r(B))[:, None, None]) / soft * torch.where(r(B) < 0.5, -1, 1)[:, None, None])
+    haze = (0.2 + 0.4 * r(B))[:, None, None].expand(-1, grid, grid)
+    maps = dict(blobs=blobs, band=band, side=side, haze=haze)
+    stack = torch.stack([maps[k] for k in kinds], 1)                                 # (B, kinds, g, g)
+    kind = torch.randint(0, len(kinds), (B,), device=dev)
+    w = stack[torch.arange(B, device=dev), kind] * (0.5 + 0.5 * r(B))[:, None, None]
+    cloud = F.interpolate(r(B, 1, grid // 8, grid // 8), size=(grid, grid), mode="bicubic", align_corners=False)
+    w = (w[:, None] * (0.6 + 0.4 * cloud)).clamp(0, 1) * (r(B) < p)[:, None, None, None]
+    w = F.interpolate(w, size=img.shape[-2:], mode="bilinear", align_corners=False)
+    level = (0.55 + 0.4 * r(B))[:, None, None, None]
+    return img + w * (level - img) * (within if within is not None else 1)
+
+
+def equalize(x):
+    """Histogram equalisation of each uint8 image (B, 1, H, W), over its pixels above 0 (0 is the padding, kept
+    black): contrast and exposure spread the same way whatever the hospital's processing."""
+    B = x.shape[0]
+    counts = torch.bincount((x.long() + 256 * torch.arange(B, device=x.device).view(B, 1, 1, 1)).flatten(),
+                            minlength=256 * B).view(B, 256).double()
+    counts[:, 0] = 0
+    lut = (counts.cumsum(1) / counts.sum(1, keepdim=True).clamp_min(1) * 255).round().to(torch.uint8)
+    lut[:, 0] = 0
+    return torch.gather(lut, 1, x.long().flatten(1)).view_as(x)
 
 
 def postprocess(mask, k=2):
@@ -235,9 +419,8 @@ def resume(raw_model, opt, path, explicit):
 def train(args):
     # ---- setup
     device = resolve_device(args.device)
-    reuse_freed_memory(device)          # on a CPU; else every step faults its activations in again
-    setup_cpu(device)
-    amp, precision = autocast(args, device)
+    reuse_freed_memory(device)          # on a CPU; else every step faults its activations in again (1.9 -> 1.3 s)
+    amp, precision = autocast(args.precision, device)
     out_dir = args.output_dir
 
     # ---- data: uint8 images and 0/1 masks at img_size, decoded once by data.py (and cached)
@@ -250,6 +433,8 @@ def train(args):
     val_count = round(0.2 * len(ds)) if args.val_count is None else args.val_count
     tr, va, dups = split_by_radiograph(ds.x, val_count, args.seed)
     x, m, xv, mv = ds.x[tr], ds.masks[tr], ds.x[va], ds.masks[va]
+    if args.equalize:                                  # every image's histogram spread out alike (lungVAE's step)
+        x, xv = equalize(x), equalize(xv)
     try:
         mean, std = data.channel_stats(x, f"the training images under {args.data_dir}")
     except ValueError as e:
@@ -280,6 +465,7 @@ def train(args):
     state = lambda: dict(model=raw_model.state_dict(), opt=opt.state_dict(), step=step, epoch=step // steps_per_epoch,
                          args=vars(args), unet_config=raw_model.config(), best=best,
                          data=dict(img_size=args.img_size, mean=list(mean), std=list(std), keep_aspect=args.keep_aspect,
+                                   equalize=args.equalize,
                                    window_percentile=args.window_percentile),
                          val_ids=[ds.ids[i] for i in va])
 
@@ -288,57 +474,62 @@ def train(args):
     max_steps = min(args.max_steps or total_steps, total_steps)
     start_epoch, first = divmod(step, steps_per_epoch)
     t_saved, stats = time.time(), {}
-    for epoch in range(start_epoch, args.epochs):
-        if step >= max_steps:
-            break
-        skip = first if epoch == start_epoch else 0          # steps of this epoch done before a resume
-        batches = data.epoch_batches(len(x), args.batch_size, epoch, args.seed, start=skip)
-        loss_sum, n_sum, t_epoch = 0.0, 0, time.time()
-        bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"ep {epoch + 1}/{args.epochs}", dynamic_ncols=True,
-                   leave=False)
-        while step < max_steps and step < (epoch + 1) * steps_per_epoch:
-            lr_now = cosine_lr(step, total_steps, warmup_steps, args.lr, args.min_lr)
-            for g in opt.param_groups:
-                g["lr"] = lr_now
-            torch.manual_seed(args.seed * 1_000_003 + step)      # augmentation from (seed, step): exact resumes
-            idx = next(batches).to(x.device)
-            img, mask = augment(x[idx].to(device), m[idx].to(device), args, mean, std)
-            with amp:
-                logits = raw_model(img)
-            loss, _ = seg_loss(logits, mask, args.bce_weight)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            loss_now = loss.item()                           # a small net: reading it every step costs nothing
-            if not math.isfinite(loss_now):
-                raise SystemExit(f"error: loss is {loss_now} at step {step}: stopping; the last checkpoint in "
-                                 f"{out_dir} is untouched. Lower --lr or use --precision fp32")
-            loss_sum, n_sum = loss_sum + loss_now, n_sum + 1
-            bar.update(1)
-            bar.set_postfix_str(f"loss {loss_now:.4f} lr {lr_now:.2e}")
-            if step % steps_per_epoch and time.time() - t_saved >= 60 * args.save_every:
-                save_checkpoint(state(), os.path.join(out_dir, "ckpt.pt"))
-                t_saved = time.time()
-        bar.close()
+    with Preemption() as stop:              # SIGTERM, SIGUSR1, SIGINT: save at this step, exit
+        for epoch in range(start_epoch, args.epochs):
+            if step >= max_steps:
+                break
+            skip = first if epoch == start_epoch else 0          # steps of this epoch done before a resume
+            batches = data.epoch_batches(len(x), args.batch_size, epoch, args.seed, start=skip)
+            loss_sum, n_sum, t_epoch = 0.0, 0, time.time()
+            bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"ep {epoch + 1}/{args.epochs}", dynamic_ncols=True,
+                       leave=False)
+            while step < max_steps and step < (epoch + 1) * steps_per_epoch:
+                lr_now = cosine_lr(step, total_steps, warmup_steps, args.lr, args.min_lr)
+                for g in opt.param_groups:
+                    g["lr"] = lr_now
+                torch.manual_seed(args.seed * 1_000_003 + step)      # augmentation from (seed, step): exact resumes
+                idx = next(batches).to(x.device)
+                img, mask = augment(x[idx].to(device), m[idx].to(device), args, mean, std)
+                with amp:
+                    logits = raw_model(img)
+                loss, _ = seg_loss(logits, mask, args.bce_weight)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                loss_now = loss.item()                           # a small net: reading it every step costs nothing
+                if not math.isfinite(loss_now):
+                    raise SystemExit(f"error: loss is {loss_now} at step {step}: stopping; the last checkpoint in "
+                                     f"{out_dir} is untouched. Lower --lr or use --precision fp32")
+                loss_sum, n_sum = loss_sum + loss_now, n_sum + 1
+                bar.update(1)
+                bar.set_postfix_str(f"loss {loss_now:.4f} lr {lr_now:.2e}")
+                halt = stop() and step % steps_per_epoch and step < max_steps     # an epoch's end saves below
+                if halt or (step % steps_per_epoch and time.time() - t_saved >= 60 * args.save_every):
+                    save_checkpoint(state(), os.path.join(out_dir, "ckpt.pt"))
+                    t_saved = time.time()
+                if halt:
+                    bar.close()
+                    stop.exit(f"step {step}", os.path.join(out_dir, "ckpt.pt"))
+            bar.close()
 
-        # ---- end of epoch: val Dice / IoU, log, save (best.pt when the val Dice improves)
-        seconds = time.time() - t_epoch
-        stats = dict(epoch=epoch + 1, step=step, loss=loss_sum / max(n_sum, 1), lr=lr_now,
-                     img_per_s=n_sum * args.batch_size / seconds, seconds=round(seconds, 2))
-        if len(xv):
-            stats.update(evaluate(raw_model, xv, mv, mean, std, device, amp, args.batch_size))
-        improved = not len(xv) or stats["dice"] > best
-        best = stats["dice"] if len(xv) and improved else best
-        print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
-        with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(stats) + "\n")
-        save_checkpoint(state(), os.path.join(out_dir, "ckpt.pt"))
-        if improved:
-            save_checkpoint(state(), os.path.join(out_dir, "best.pt"))
-        t_saved = time.time()
-    if os.path.exists(os.path.join(out_dir, "log.jsonl")):      # the run's curves: loss, lr, val Dice and IoU
-        plot_curves({os.path.basename(os.path.normpath(out_dir)): read_log(out_dir)}, os.path.join(out_dir, "curves.png"))
+            # ---- end of epoch: val Dice / IoU, log, save (best.pt when the val Dice improves)
+            seconds = time.time() - t_epoch
+            stats = dict(epoch=epoch + 1, step=step, loss=loss_sum / max(n_sum, 1), lr=lr_now,
+                         img_per_s=n_sum * args.batch_size / seconds, seconds=round(seconds, 2))
+            if len(xv):
+                stats.update(evaluate(raw_model, xv, mv, mean, std, device, amp, args.batch_size))
+            improved = not len(xv) or stats["dice"] > best
+            best = stats["dice"] if len(xv) and improved else best
+            print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
+            with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+                f.write(json.dumps(stats) + "\n")
+            save_checkpoint(state(), os.path.join(out_dir, "ckpt.pt"))
+            if improved:
+                save_checkpoint(state(), os.path.join(out_dir, "best.pt"))
+            t_saved = time.time()
+            if stop() and step < max_steps:
+                stop.exit(f"step {step}", os.path.join(out_dir, "ckpt.pt"))
     return dict(stats, step=step, best=best, out_dir=out_dir)
 
 
@@ -416,8 +607,8 @@ def predict(args):
     # ---- setup: the U-Net and the preprocessing it was trained with, from the checkpoint
     from PIL import Image
     device = resolve_device(args.device)
-    setup_cpu(device)
-    amp, precision = autocast(args, device)
+    reuse_freed_memory(device)
+    amp, precision = autocast(args.precision, device)
     try:
         ckpt = read_checkpoint(args.checkpoint, "segment.py checkpoint")
     except ValueError as e:
@@ -464,6 +655,7 @@ def predict(args):
             if not imgs:
                 continue
             x = torch.from_numpy(np.stack([data.fit_square(i, size, keep_aspect) for i in imgs]))[:, None]
+            x = equalize(x) if d.get("equalize") else x
             with amp:
                 logits = model(data.normalize(x.to(device), d["mean"], d["std"]))
             probs = torch.sigmoid(logits.float())[:, 0].cpu()

@@ -5,7 +5,7 @@ import sys
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)                       # the scripts and models.py / data.py, from any working folder
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]     # the scripts, models.py / data.py and the tools, from anywhere
 
 # the smallest pretrain.py run that goes through every branch: 2 blocks of width 32, 16 px, 4x4 patches
 TINY_PRETRAIN = ["--dataset", "synthetic", "--model", "vit_nano", "--img-size", "16", "--patch-size", "4",

@@ -1,9 +1,9 @@
 """Write radiographs as DICOM files with pydicom: the tests' fixtures, and an example that turns
-the OpenIST PNG radiographs (with lung masks) into a DICOM folder like a hospital export.
+the OpenIST radiographs (with lung masks) into a DICOM folder like a hospital export.
 
-    python tests/make_xray_dicoms.py ../shared/data/cxr/openist_normal /tmp/cxr_dicom \
-        [--extra ../shared/data/cxr/dicom]
-    python tests/make_xray_dicoms.py ../shared/data/cxr/openist_normal /tmp/flip --both-sides
+    python data.py download openist                     # data/openist/images/<id>.jpg, masks/<id>.png
+    python tests/make_xray_dicoms.py data/openist /tmp/cxr_dicom [--extra FOLDER_OF_REAL_DCM_FILES]
+    python tests/make_xray_dicoms.py data/openist /tmp/flip --both-sides
 
 Every other image is written as MONOCHROME1 (inverted pixel values, as CR plates store them)
 and all as 12-bit data with a rescale slope/intercept and a window, so the loader's whole
@@ -12,7 +12,7 @@ labels.csv (id, label) is written, the label being the image's left/right orient
 radiographs are mirrored. --both-sides writes every distinct radiograph twice instead, as itself
 (<id>, "original") and mirrored (<id>_f, "flipped"), with a split column that keeps both of a
 radiograph (and the OpenIST twins, identical pixels under two ids) in one of train / val / test
-(70 / 10 / 20 %, seeded): the CAM study of the README.
+(70 / 10 / 20 %, seeded): the CAM study of docs/cam.md.
 """
 import argparse
 import csv
@@ -58,7 +58,7 @@ def write_dicom(path, pixels, photometric="MONOCHROME2", bits_stored=None, signe
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", help="folder with images/<id>.png, masks/<id>.png (OpenIST layout)")
+    p.add_argument("source", help="folder with images/<id>.jpg (or .png), masks/<id>.png (data/openist)")
     p.add_argument("out")
     p.add_argument("--extra", default=None, help="a folder of real .dcm files to copy in (unlabelled)")
     p.add_argument("--both-sides", action="store_true", help="each radiograph as itself and mirrored, split by radiograph")
@@ -69,7 +69,7 @@ def main(argv=None):
     os.makedirs(os.path.join(args.out, "dicom"), exist_ok=True)
     os.makedirs(os.path.join(args.out, "masks"), exist_ok=True)
     rows, seen = [], {}
-    names = sorted(f for f in os.listdir(os.path.join(args.source, "images")) if f.endswith(".png"))
+    names = sorted(f for f in os.listdir(os.path.join(args.source, "images")) if f.lower().endswith((".png", ".jpg")))
     names = names[:args.limit] if args.limit else names
     split = {}
     if args.both_sides:        # by radiograph: a shuffled order cut at 70% and 80%
@@ -79,7 +79,7 @@ def main(argv=None):
     for k, name in enumerate(names):
         i = os.path.splitext(name)[0]
         img = np.asarray(Image.open(os.path.join(args.source, "images", name)).convert("L"), dtype=np.float64)
-        mask = Image.open(os.path.join(args.source, "masks", name))
+        mask = Image.open(os.path.join(args.source, "masks", i + ".png"))
         if args.both_sides:
             key = img.tobytes()
             if key in seen:    # the same radiograph under another id: keep one, not one per split

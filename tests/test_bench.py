@@ -57,7 +57,7 @@ def test_flops_match_what_torch_counts_in_a_training_step(method):
 
 
 def test_bench_runs_end_to_end_on_the_tiny_config(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "matmul_ceiling", functools.partial(bench.matmul_ceiling, n=256, seconds=0.01))
+    monkeypatch.setattr(bench, "matmul_ceiling", functools.partial(bench.matmul_ceiling, squares=(256,), seconds=0.01))
     out = tmp_path / "bench.json"
     result = bench.main(bench.get_args(["--config", "tiny", "--precision", "bf16,fp32", "--data-path", "--warmup", "1",
                                         "--steps", "1", "--rounds", "2", "--log-every", "1", "--out", str(out)]))

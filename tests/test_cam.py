@@ -241,7 +241,7 @@ def test_command_line_two_checkpoints_on_xrays(tmp_path):
     out = tmp_path / "out"
     base = ["--dataset", "dicom", "--data-dir", str(tmp_path / "xr" / "images"), "--labels",
             str(tmp_path / "xr" / "labels.csv"), "--masks", str(tmp_path / "xr" / "masks"), "--device", "cpu",
-            "--cache-dir", str(tmp_path / "cache"), "--batch-size", "3", "--grid", "3", "--panel-size", "32"]
+            "--cache-dir", str(tmp_path / "cache"), "--batch-size", "3", "--grid", "3", "--panel-size", "96"]
     summ = cam.main(cam.get_args(base + paths + ["--method", "gradcam", "--output-dir", str(out)]))
     assert [s["model"] for s in summ] == ["full", "seg-black"] and [s["variant"] for s in summ] == ["full", "seg-black"]
     for s in summ:
@@ -259,7 +259,7 @@ def test_command_line_two_checkpoints_on_xrays(tmp_path):
     summ = cam.main(cam.get_args(base + paths + ["--method", "attention", "--output-dir", str(out / "att"),
                                                  "--panels", "1"]))
     from PIL import Image
-    assert Image.open(out / "att" / "full" / "panels" / "im10.png").size[0] == 32 * (3 + 2)
+    assert Image.open(out / "att" / "full" / "panels" / "im10.png").size[0] == 96 * (3 + 2)     # 96 px tiles, 2 heads
 
 
 def test_resnet_cam_at_layer4_equals_gradcam():

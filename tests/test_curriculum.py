@@ -223,15 +223,15 @@ def test_resume_skips_finished_stages_and_trials(tmp_path, monkeypatch):
 
     calls, killed, real = [], [], curriculum.train_epochs
 
-    def spy(task, opt, ds, lr, e0, e1, *a):
-        calls.append((a[-1], e0))
-        if a[-1] == "relloc lr 0.01" and e0 == 0:                # the first relloc trial starts from rotation's end
+    def spy(task, opt, ds, lr, e0, e1, epochs, batch_size, seed, device, amp, desc, *a):
+        calls.append((desc, e0))
+        if desc == "relloc lr 0.01" and e0 == 0:                # the first relloc trial starts from rotation's end
             state = task.backbone.state_dict()
             assert all(torch.equal(state[k], v) for k, v in rotation_final.items())
-        if a[-1] == "relloc lr 0.05" and not killed:
+        if desc == "relloc lr 0.05" and not killed:
             killed.append(1)
             raise Killed                                        # killed during the second trial
-        return real(task, opt, ds, lr, e0, e1, *a)
+        return real(task, opt, ds, lr, e0, e1, epochs, batch_size, seed, device, amp, desc, *a)
 
     monkeypatch.setattr(curriculum, "train_epochs", spy)
     with pytest.raises(Killed):

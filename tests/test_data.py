@@ -56,15 +56,14 @@ def _download_in_rank(rank, world, root, store, out):
     from pathlib import Path
 
     import torch.distributed as dist
-    import torchvision
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     calls = []
 
-    def fake_download(root_, train=True, download=False):
+    def fake_fetch(name, root_, mirror=None):
         calls.append(1)
         time.sleep(0.5)                                     # long enough for a second rank to collide
         write_cifar(Path(root_))
-    torchvision.datasets.CIFAR10 = fake_download
+    data.fetch = fake_fetch
     args = data.add_data_args(argparse.ArgumentParser()).parse_args([])
     args.dataset, args.data_dir, args.seed, args.num_workers = "cifar10", root, 0, 1
     ds = data.load_split(args, "train", 32, download=True)

@@ -1,9 +1,10 @@
 """Every numeric flag of every script carries its range in the parser (data.Number), so a value outside
 it stops argparse with exit code 2 and one line naming the flag, before any work starts. The test walks
 the parsers themselves instead of listing cases: a new numeric flag without a range fails it, and so does
-a range that lets nan, inf or a bound through. The README's flag table is checked against the same walk.
+a range that lets nan, inf or a bound through. The flag table of docs/troubleshooting.md is checked against the
+same walk.
 
-    python tests/test_flags.py          # prints the README's table, from the parsers
+    python tests/test_flags.py          # prints that table, from the parsers
 """
 import argparse
 import importlib
@@ -34,19 +35,19 @@ def parsers(script):
     """(argv that parses, the parser that argv ends in) for every parser of a script: segment's train
     and predict subparsers, the main parser of the others."""
     mod = importlib.import_module(script)
-    real = data.ArgumentParser.parse_args
+    real = argparse.ArgumentParser.parse_args
 
     def catch(self, *a, **k):
         raise Caught(self)
     out = []
     for base in BASE.get(script, [[]]):
-        data.ArgumentParser.parse_args = catch
+        argparse.ArgumentParser.parse_args = catch
         try:
             mod.get_args(list(base))
         except Caught as c:
             p = c.args[0]
         finally:
-            data.ArgumentParser.parse_args = real
+            argparse.ArgumentParser.parse_args = real
         subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
         out.append((base, subs[0].choices[base[0]] if subs else p))
     return mod, out
@@ -141,7 +142,7 @@ def test_the_range_type_itself():
 
 
 def flag_table():
-    """The README's table: one row per flag and range, with the scripts that take it."""
+    """docs/troubleshooting.md's table: one row per flag and range, with the scripts that take it."""
     rows = {}
     for s, base, p in WALK:
         name = f"segment {base[0]}" if s == "segment" else s
@@ -154,11 +155,13 @@ def flag_table():
     return "\n".join(lines)
 
 
-def test_readme_lists_every_flag_and_its_range():
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    table = re.search(r"<!-- flags: python tests/test_flags.py -->\n(.*?)\n<!-- /flags -->", readme, re.S)
-    assert table, "README.md: no flag table between <!-- flags: python tests/test_flags.py --> and <!-- /flags -->"
-    assert table.group(1) == flag_table(), "README.md's flag table is stale: paste `python tests/test_flags.py`"
+def test_docs_list_every_flag_and_its_range():
+    doc = open(os.path.join(ROOT, "docs", "troubleshooting.md")).read()
+    table = re.search(r"<!-- flags: python tests/test_flags.py -->\n(.*?)\n<!-- /flags -->", doc, re.S)
+    assert table, "docs/troubleshooting.md: no flag table between <!-- flags: python tests/test_flags.py --> and " \
+                  "<!-- /flags -->"
+    assert table.group(1) == flag_table(), "docs/troubleshooting.md's flag table is stale: paste " \
+                                           "`python tests/test_flags.py`"
 
 
 def test_the_four_commands_of_issue_20_stop_with_one_line(tmp_path):

@@ -177,7 +177,7 @@ def test_unknown_dataset_is_an_argument_error():
 
 
 def test_norm_pix_is_the_default_of_script_and_classes():
-    """The sweep's one lever that helped (README, DS-MAE section) is the default everywhere a user
+    """The sweep's one lever that helped (docs/dsmae.md) is the default everywhere a user
     can start from: the script's flag, and MAE/DSMAE built directly from models.py."""
     assert pretrain.get_args([]).norm_pix and not pretrain.get_args(["--no-norm-pix"]).norm_pix
     enc = lambda: ViT(img_size=16, patch_size=4, **MODELS["vit_nano"])

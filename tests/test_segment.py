@@ -1,4 +1,4 @@
-"""segment.py and the segmentation section of models.py: the U-Net's shapes, Dice/IoU and the
+"""segment.py: its U-Net's shapes, Dice/IoU and the
 connected-component post-processing against hand computations, a tiny training run end to end
 (checkpoints, log, an exact resume), predict's masks read back pixel-exact through data.py's
 --masks, and bad input stopping with one line that names the file."""
@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 
 import data
-import models
 import segment
 from make_xray_dicoms import write_dicom
 
@@ -53,17 +52,17 @@ def cxr(tmp_path_factory):
     return dict(dir=d, png=str(d / "png"), masks=str(d / "masks"), dcm=str(d / "dcm"), run=out)
 
 
-# ----------------------------------------------------------------------------- models.py, section 7
+# ----------------------------------------------------------------------------- the U-Net, Dice, components
 
 @pytest.mark.parametrize("shape,depth", [((37, 50), 3), ((16, 16), 2), ((5, 3), 4)])
 def test_unet_output_shape_any_size(shape, depth):
-    net = models.UNet(in_chans=1, width=4, depth=depth)
+    net = segment.UNet(in_chans=1, width=4, depth=depth)
     x = torch.randn(2, 1, *shape, requires_grad=True)
     y = net(x)
     assert y.shape == (2, 1, *shape)
     y.sum().backward()                                 # the padding is differentiable, every pixel gets a gradient
     assert x.grad.abs().min() > 0
-    assert models.UNet(**net.config()).load_state_dict(net.state_dict())
+    assert segment.UNet(**net.config()).load_state_dict(net.state_dict())
 
 
 def test_dice_iou_by_hand():
@@ -71,15 +70,15 @@ def test_dice_iou_by_hand():
     pred[0, 0, :4] = True                              # 4 pixels
     true[0, 0, 1:4], true[0, 1, :3] = True, True      # 6 pixels, 3 shared
     true[1, 2, 2] = True                               # image 1: nothing predicted
-    dice, iou = models.dice_iou(pred, true)            # image 2: both empty, a perfect 1
+    dice, iou = segment.dice_iou(pred, true)            # image 2: both empty, a perfect 1
     assert torch.allclose(dice, torch.tensor([2 * 3 / (4 + 6), 0.0, 1.0], dtype=torch.float64))
     assert torch.allclose(iou, torch.tensor([3 / (4 + 6 - 3), 0.0, 1.0], dtype=torch.float64))
 
 
 def test_seg_loss_small_when_right():
     target = (torch.rand(2, 1, 8, 8) > 0.5).float()
-    good, _ = models.seg_loss((target * 2 - 1) * 20, target)
-    bad, parts = models.seg_loss((1 - target * 2) * 20, target)
+    good, _ = segment.seg_loss((target * 2 - 1) * 20, target)
+    bad, parts = segment.seg_loss((1 - target * 2) * 20, target)
     assert good < 0.05 < 1.0 < bad and set(parts) == {"dice_loss", "bce"}
 
 
@@ -110,20 +109,20 @@ def test_components_keep_two_lungs_fill_hole():
     m[10:13, 26:28] = False
     m[27:29, 36:38] = True                             # a stray blob, 2 x 2
     m[25, 16] = True                                   # touches the left lung at a corner only: 8-connected
-    labels, areas = models.label_components(m)
+    labels, areas = segment.label_components(m)
     assert areas.tolist() == [22 * 12 + 1, 20 * 11 - 6, 4] and labels.max() == 3
-    assert models.label_components(m, connectivity=4)[1].tolist() == [22 * 12, 20 * 11 - 6, 4, 1]
-    kept = models.keep_largest_components(m, k=2)
+    assert segment.label_components(m, connectivity=4)[1].tolist() == [22 * 12, 20 * 11 - 6, 4, 1]
+    kept = segment.keep_largest_components(m, k=2)
     assert not kept[27:29, 36:38].any() and kept[3:25, 4:16].all() and kept[25, 16]
-    filled = models.fill_holes(kept)
+    filled = segment.fill_holes(kept)
     assert filled[4:24, 22:33].all() and (filled ^ kept).sum() == 6
-    assert not models.fill_holes(np.pad(np.ones((3, 3), bool), 1) ^ np.pad(np.ones((1, 1), bool), 2))[0].any()
+    assert not segment.fill_holes(np.pad(np.ones((3, 3), bool), 1) ^ np.pad(np.ones((1, 1), bool), 2))[0].any()
     # against flood fill on random masks, both connectivities
     rng = np.random.default_rng(0)
     for _ in range(40):
         r = rng.random(tuple(rng.integers(1, 14, 2))) < rng.random()
         for conn in (4, 8):
-            labels, areas = models.label_components(r, conn)
+            labels, areas = segment.label_components(r, conn)
             assert areas.tolist() == flood_fill(r, conn)
             assert ((labels > 0) == r).all()
             assert [int((labels == i + 1).sum()) for i in range(len(areas))] == areas.tolist()
@@ -177,7 +176,7 @@ def test_train_writes_checkpoints_and_log(cxr):
     assert ckpt["unet_config"] == dict(in_chans=1, width=4, depth=2) and ckpt["data"]["img_size"] == 32
     assert ckpt["args"]["mode"] == "train" and ckpt["best"] == max(r["dice"] for r in rows)
     assert len(ckpt["val_ids"]) in (3, 4)             # 4 when the twins cross the count together
-    net = models.UNet(**ckpt["unet_config"])
+    net = segment.UNet(**ckpt["unet_config"])
     net.load_state_dict(ckpt["model"])
     assert ("im00" in ckpt["val_ids"]) == ("im13" in ckpt["val_ids"])   # the twins on one side
 
@@ -205,7 +204,7 @@ def test_unfit_square_inverts_fit_square(h, w):
     back = segment.unfit_square(torch.from_numpy(data.fit_square(m, S, nearest=True)).float() / 255, h, w)
     assert back.shape == (h, w) and np.array_equal(back.numpy() > 0.5, m > 0)
     back = segment.unfit_square(torch.from_numpy(data.fit_square(m, 24, nearest=True)).float() / 255, h, w)
-    assert models.dice_iou(torch.from_numpy(back.numpy() > 0.5)[None], torch.from_numpy(m > 0)[None])[0] > 0.85
+    assert segment.dice_iou(torch.from_numpy(back.numpy() > 0.5)[None], torch.from_numpy(m > 0)[None])[0] > 0.85
 
 
 def test_predict_masks_read_back_by_data_py(cxr, tmp_path):

@@ -2,10 +2,10 @@
 of this machine's measured matmul throughput, peak memory, and the ratio to peers measured in the
 same process.
 
-    python bench.py                                   # C1 on the CPU, our default precision
-    python bench.py --config C2 --precision bf16,fp32 --peers      # + timm-MAE, lightly MAE, DS-MAE ref.
-    python bench.py --config C3 --memory              # + peak memory, one fresh process per method
-    python bench.py --config C3 --device cuda --precision bf16 --compile --data-path
+    python tools/bench.py                                   # C1 on the CPU, our default precision
+    python tools/bench.py --config C2 --precision bf16,fp32 --peers      # + timm-MAE, lightly MAE, DS-MAE ref.
+    python tools/bench.py --config C3 --memory              # + peak memory, one fresh process per method
+    python tools/bench.py --config C3 --device cuda --precision bf16 --compile --data-path
 
 One timed step is what pretrain.py does per step: forward under autocast, backward, AdamW, the EMA
 update of the DS-MAE teacher, the losses summed on the device and read every --log-every steps.
@@ -41,7 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))    # models.py, data.py
+import data  # noqa: E402
 from models import (DSMAE, MAE, MODELS, ViT, bf16_is_fast, init_weights, param_groups, patchify, reuse_freed_memory,
                     sincos_pos_embed)
 
@@ -58,7 +59,7 @@ OURS, PEERS = ("mae", "dsmae"), ("timm-mae", "lightly-mae", "timm-dsmae")
 
 
 def get_args(argv=None):
-    p = data.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="C1", choices=CONFIGS)
     p.add_argument("--methods", default="mae,dsmae", help=f"any of {', '.join(OURS + PEERS)}")
     p.add_argument("--peers", action="store_true", help="add the three peers (fp32 and bf16 autocast; needs timm "
@@ -94,6 +95,7 @@ def get_args(argv=None):
     p.add_argument("--num-workers", type=data.NONNEG_INT, default=4)
     p.add_argument("--data-memory-child", default=None, choices=["shared", "private"], help=argparse.SUPPRESS)
     data.add_data_args(p)
+    data.finish_parser(p)
     return p.parse_args(argv)
 
 
@@ -152,20 +154,35 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def matmul_ceiling(device, dtype, n=None, seconds=1.0):
-    """Median FLOP/s of torch.mm on large square matrices: what this machine's matmuls can do."""
-    n = n or (8192 if device.type == "cuda" else 2048)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    times, end = [], time.perf_counter() + seconds
-    while time.perf_counter() < end or len(times) < 5:
-        synchronize(device)
-        t = time.perf_counter()
-        a @ b
-        synchronize(device)
-        times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / statistics.median(times)
+def matmul_ceiling(device, dtype, shapes=(), squares=None, seconds=0.4):
+    """What this machine's matmuls can do, at the thread count the runs use: the best rate (each shape's median
+    time) over large squares and `shapes`, (M, K, N) products as the model's linear layers run them (F.linear,
+    with a bias). One square alone understated it: fp32 came out at 76-155 GFLOP/s from run to run on the 2-core
+    machine, below what the peers' linear layers reached. The best of several is a ceiling nothing here exceeds."""
+    squares = squares or ((4096, 8192, 16384) if device.type == "cuda" else (1024, 2048, 3072))
+    best = 0.0
+    for m, k, n in [(s, s, s) for s in squares] + list(shapes):
+        a, w = torch.randn(m, k, device=device, dtype=dtype), torch.randn(n, k, device=device, dtype=dtype)
+        bias = torch.randn(n, device=device, dtype=dtype)
+        for _ in range(2):
+            F.linear(a, w, bias)
+        times, end = [], time.perf_counter() + seconds
+        while time.perf_counter() < end or len(times) < 3:
+            synchronize(device)
+            t = time.perf_counter()
+            F.linear(a, w, bias)
+            synchronize(device)
+            times.append(time.perf_counter() - t)
+        best = max(best, 2 * m * k * n / statistics.median(times))
+    return best
+
+
+def linear_shapes(cfg):
+    """(M, K, N) of the encoder's linear layers at this configuration, every patch a token (DS-MAE's student and
+    teacher): q/k/v, the MLP's two layers, the attention's projection."""
+    d, tokens = MODELS[cfg["model"]]["embed_dim"], (cfg["img_size"] // cfg["patch_size"]) ** 2 + 1
+    m = cfg["batch_size"] * tokens
+    return [(m, d, 3 * d), (m, d, 4 * d), (m, 4 * d, d), (m, d, d)]
 
 
 def cpu_times():
@@ -428,7 +445,7 @@ def main(args):
     if args.data_memory:
         return measure_data_memory(args)
     runners = make_runners(args, cfg, device)
-    ceilings = {p: matmul_ceiling(device, torch.bfloat16 if p == "bf16" else torch.float32)
+    ceilings = {p: matmul_ceiling(device, torch.bfloat16 if p == "bf16" else torch.float32, linear_shapes(cfg))
                 for p in sorted({r["precision"] for r in runners.values()})}
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPUs"
     print(f"{args.config}: {cfg} | {device} ({where}, {torch.get_num_threads()} threads) | torch {torch.__version__}")
