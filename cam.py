@@ -430,7 +430,7 @@ def main(args):
         raise SystemExit(f"error: {len(names)} --name for {len(args.checkpoint)} --checkpoint")
     if len(set(names)) < len(names):                     # two best.pt in one folder, say
         names = [f"{n}_{os.path.splitext(os.path.basename(c))[0]}" for n, c in zip(names, args.checkpoint)]
-    os.makedirs(args.output_dir, exist_ok=True)
+    models.output_dir(args.output_dir)
     summaries, images, shown = [], {}, {}
     for path, name in zip(args.checkpoint, names):
         # ---- model: any classifier this project writes, in eval mode

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from models import (DSMAE, EMA, MAE, MODELS, RESNETS, Preemption, ViT, autocast, build_resnet, ema_momentum,
+from models import (DSMAE, EMA, MAE, MODELS, RESNETS, Preemption, ViT, autocast, build_resnet, ema_momentum, output_dir,
                     evaluate, extract_features, knn_predict, param_groups, per_class_accuracy, resolve_device,
                     reuse_freed_memory, save_checkpoint)
 
@@ -753,7 +753,8 @@ def main(args):
         raise SystemExit(f"error: --mask-ratio {args.mask_ratio} masks {round(args.mask_ratio * n)} of the {n} patches: "
                          f"it must leave some to encode and some to predict")
     names = stages + ["classify"]
-    out_dir = args.output_dir or os.path.join("runs", f"curriculum_{args.dataset}_{args.variant}_{args.backbone}")
+    out_dir = output_dir(args.output_dir or os.path.join("runs", f"curriculum_{args.dataset}_{args.variant}_"
+                                                         f"{args.backbone}"))
     results = args.results or os.path.join(out_dir, "results.csv")
 
     # ---- data

@@ -222,7 +222,7 @@ def finish_parser(p):
         if isinstance(a, argparse._SubParsersAction):
             for sub in a.choices.values():
                 finish_parser(sub)
-        elif a.option_strings and a.help != argparse.SUPPRESS and not getattr(a, "finished", False):
+        elif a.option_strings and argparse.SUPPRESS not in (a.help, a.default) and not getattr(a, "finished", False):
             rng = getattr(a.type, "range", None)         # actions a parent parser shares are finished once
             a.help, a.finished = "; ".join(filter(None, (a.help, rng))) + " (default: %(default)s)", True
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (--help lists every flag)\n")
@@ -347,8 +347,7 @@ def read_pickle(path):
         with open(path, "rb") as f:
             return _BatchUnpickler(f, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
-        raise ValueError(f"{path} is not a CIFAR batch ({e}): refused unread; delete it and fetch the dataset again "
-                         f"(--download)") from None
+        raise ValueError(f"{path} is not a CIFAR batch ({e}): refused unread; delete it, fetch it again") from None
 
 
 def load_cifar(root, split, name, download=False):
@@ -430,8 +429,7 @@ def check_fits_in_memory(n, channels, size, what):
                 os.path.exists(meminfo) else 2 ** 60) * 1024
     if need > 0.8 * avail:
         raise ValueError(f"{what}: {n} images at {size}x{size}x{channels} need {need / 2**30:.1f} GiB in memory "
-                         f"(uint8), {avail / 2**30:.1f} GiB is available: use a smaller --img-size, a subset, or a "
-                         f"machine with more memory")
+                         f"(uint8), {avail / 2**30:.1f} GiB is available: use a smaller --img-size or a subset")
 
 
 def decode_all(files, decode, skip_bad, num_workers, desc):
@@ -607,7 +605,7 @@ def fit_square(img, size, keep_aspect=True, nearest=False):
 def _is_xray_file(path):
     if path.lower().endswith((".dcm", ".dicom") + IMAGE_EXTENSIONS):
         return True
-    if "." in os.path.basename(path):
+    if "." in os.path.basename(path) or os.path.basename(path) == "DICOMDIR":    # an export's index, not an image
         return False
     with open(path, "rb") as f:                       # extension-less DICOMs: the DICM magic at 128
         return f.read(132)[128:] == b"DICM"
@@ -688,6 +686,8 @@ def read_mask(path, shape):
     if m.shape != tuple(shape):                       # resized apart, they would no longer line up
         raise ValueError(f"mask {path} is {m.shape[1]}x{m.shape[0]} but the image is {shape[1]}x{shape[0]}; masks "
                          f"must have their image's size")
+    if not m.any():                                   # seg-black would train on a black image
+        raise ValueError(f"mask {path} has no lung pixel; fix it, or leave the image out (--skip-bad)")
     return (m > m.max() / 2).astype(np.float32)
 
 

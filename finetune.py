@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from models import (MODELS, Preemption, autocast, evaluate, load_encoder, param_groups, read_checkpoint,
+from models import (MODELS, Preemption, autocast, evaluate, load_encoder, output_dir, param_groups, read_checkpoint,
                     resolve_device, reuse_freed_memory, save_checkpoint)
 
 # MAE's fine-tuning recipe (its ViT-B ImageNet values), with fewer epochs for CIFAR/STL; for
@@ -239,7 +239,7 @@ def main(args):
         model = DDP(model, device_ids=[device.index] if cuda else None, broadcast_buffers=False)
     tag = os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint))) if args.checkpoint \
         else f"scratch_{args.model or model_name}"
-    out_dir = args.output_dir or os.path.join("runs", f"finetune_{args.dataset}_{tag}")
+    out_dir = output_dir(args.output_dir or os.path.join("runs", f"finetune_{args.dataset}_{tag}"))
     images, labels = (train.x.to(device) if cuda else train.x), train.y.to(device)
     augment = make_augment(args, num_classes, encoder.img_size, train.mean, train.std)
 
@@ -259,7 +259,6 @@ def main(args):
     # ---- resume
     step, best = resume(raw_model, opt, args.resume or os.path.join(out_dir, "ckpt.pt"), args.resume)
     if master:
-        os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
 

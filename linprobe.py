@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from models import (MODELS, Preemption, autocast, extract_features, knn_predict, load_encoder, per_class_accuracy,
+from models import (MODELS, Preemption, autocast, extract_features, knn_predict, load_encoder, output_dir,
+                    per_class_accuracy,
                     read_checkpoint, resolve_device, reuse_freed_memory, save_checkpoint)
 
 def get_args(argv=None):
@@ -127,8 +128,7 @@ def main(args):
     num_classes = len(train.classes)
     tag = os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint))) if args.checkpoint \
         else f"scratch_{args.model or model}"
-    out_dir = args.output_dir or os.path.join("runs", f"linprobe_{args.dataset}_{tag}")
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = output_dir(args.output_dir or os.path.join("runs", f"linprobe_{args.dataset}_{tag}"))
     transform = lambda x: data.preprocess(x, encoder.img_size, train.mean, train.std)
 
     # ---- features: from the cache, or extracted once and cached (atomically)

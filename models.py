@@ -17,6 +17,7 @@ import copy
 import math
 import os
 import signal
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -252,8 +253,7 @@ def patch_mask_to_pixels(idx, grid, p, B, device):
 
 
 def pixel_loss(pred, target, norm_pix=False):
-    """MSE between predicted and true patches, both (B, M, P), averaged over every element.
-    norm_pix: MAE's target, each patch normalised by its own mean and variance."""
+    """MSE between predicted and true patches (B, M, P); norm_pix: MAE's target, each patch normalised by itself."""
     target = target.float()
     if norm_pix:
         mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
@@ -262,8 +262,7 @@ def pixel_loss(pred, target, norm_pix=False):
 
 
 class Decoder(nn.Module):
-    """Narrow transformer from encoder tokens to pixels: project, add positions, blocks, linear.
-    Heads have width 32, as in MAE's decoder (512 / 16), where the width allows."""
+    """Narrow transformer from encoder tokens to pixels: project, add positions, blocks (heads 32 wide, as MAE's)."""
 
     def __init__(self, encoder_dim, grid, patch_pixels, dim=256, depth=4):
         super().__init__()
@@ -276,8 +275,7 @@ class Decoder(nn.Module):
         init_weights(self)
 
     def forward(self, x, pos=None):
-        """x (B, n, dim) projected tokens; pos (B, n) patch indices, or None when x already
-        holds the class token and every patch in order."""
+        """x (B, n, dim) projected tokens; pos (B, n) patch indices, or None for the class token and every patch."""
         if pos is None:
             x = x + self.decoder_pos_embed
         else:
@@ -288,9 +286,8 @@ class Decoder(nn.Module):
 
 
 class MAE(nn.Module):
-    """Masked autoencoder (He et al. 2022): encode a random (1 - mask_ratio) of the patches,
-    decode all of them with mask tokens in the gaps, MSE on the masked ones (against per-patch
-    normalised pixels unless norm_pix=False: MAE's own default)."""
+    """Masked autoencoder (He et al. 2022): encode a random (1 - mask_ratio) of the patches, decode all of them with
+    mask tokens in the gaps, MSE on the masked ones (per-patch normalised pixels unless norm_pix=False)."""
 
     def __init__(self, encoder, *, decoder_dim=256, decoder_depth=4, mask_ratio=0.75, norm_pix=True):
         super().__init__()
@@ -345,8 +342,7 @@ class EMA(nn.Module):
         ## each step, so its outputs change smoothly and give the student a stable target; it is
         ## never trained by a gradient, and a collapsed (constant) target cannot appear at once
         torch._foreach_lerp_(list(self.module.parameters()), list(model.parameters()), 1.0 - momentum)
-        buffers = list(self.module.buffers())
-        if buffers:
+        if buffers := list(self.module.buffers()):
             torch._foreach_copy_(buffers, list(model.buffers()))
 
     def forward(self, *args, **kwargs):
@@ -589,8 +585,7 @@ def load_encoder(path=None, key="auto", *, model=None, img_size=None, patch_size
     if cfg["img_size"] % cfg["patch_size"]:
         raise ValueError(f"image size {cfg['img_size']} is not divisible by the patch size {cfg['patch_size']} of "
                          f"{path}")
-    enc = ViT(**cfg, drop_path=drop_path, global_pool=global_pool)
-    state = dict(state)
+    enc, state = ViT(**cfg, drop_path=drop_path, global_pool=global_pool), dict(state)
     if enc.grid != grid_old:                                     # the fixed sin-cos table, rebuilt for the new grid
         warnings.warn(f"positional embedding: grid {grid_old}x{grid_old} in {path}, {enc.grid}x{enc.grid} here")
         state["pos_embed"] = enc.pos_embed.clone()
@@ -619,8 +614,7 @@ def build_resnet(arch, in_chans=3, img_size=32):
     elif in_chans != 3:
         net.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
     nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")   # torchvision's init
-    net.out_dim = net.fc.in_features
-    net.fc = nn.Identity()
+    net.out_dim, net.fc = net.fc.in_features, nn.Identity()
     net.arch, net.in_chans, net.img_size = arch, in_chans, img_size
     return net
 
@@ -642,10 +636,9 @@ def load_classifier(path, device="cpu"):
         model = ViT(**cfg, num_classes=num_classes, global_pool="token" if pool == "cls" else "avg")
     model.load_state_dict(ckpt["model"])                             # strict: a mismatch fails loudly
     d = ckpt.get("data", {})
-    meta = dict(kind=kind, num_classes=num_classes, classes=list(d.get("classes", range(num_classes))),
-                mean=tuple(d["mean"]), std=tuple(d["std"]), img_size=cfg["img_size"], in_chans=cfg["in_chans"],
-                pool=pool)
-    return model.to(device).eval(), meta
+    return model.to(device).eval(), dict(kind=kind, num_classes=num_classes, pool=pool, mean=tuple(d["mean"]),
+                                         classes=list(d.get("classes", range(num_classes))), std=tuple(d["std"]),
+                                         img_size=cfg["img_size"], in_chans=cfg["in_chans"])
 
 
 # ============================================================ 6. training: device, precision, preemption
@@ -658,8 +651,7 @@ def param_groups(model, weight_decay, layer_decay=None):
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.ndim <= 1 or name.split(".")[-1] in ("cls_token", "mask_token", "pos_embed")
-        layer = depth + 1
+        no_decay, layer = p.ndim <= 1 or name.split(".")[-1] in ("cls_token", "mask_token", "pos_embed"), depth + 1
         if layer_decay is not None:
             layer = 0 if name.startswith(("cls_token", "pos_embed", "patch_embed")) else \
                 int(name.split(".")[1]) + 1 if name.startswith("blocks.") else depth + 1
@@ -680,6 +672,16 @@ def resolve_device(name):
         raise SystemExit(f"error: --device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s) visible to "
                          f"torch{'' if device.type == 'cuda' else ' and no Apple GPU'}; use --device cpu (or auto)")
     return device
+
+
+def output_dir(path):
+    """--output-dir made and checked writable before any work starts: a file in its place, a read-only disk, one line."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise SystemExit(f"error: --output-dir {path}: {e.strerror or e}; choose a folder you can write to") from None
+    return path
 
 
 def bf16_is_fast(device):

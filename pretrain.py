@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import data
 from models import (DSMAE, MAE, MODELS, TEACHER_TARGETS, Preemption, ViT, autocast, ema_momentum, extract_features,
-                    knn_predict, param_groups, patchify, read_checkpoint, resolve_device, reuse_freed_memory,
+                    knn_predict, output_dir, param_groups, patchify, read_checkpoint, resolve_device, reuse_freed_memory,
                     save_checkpoint, unpatchify)
 
 # the paper's Table 1 for CIFAR and STL-10 (its batch 2048; 1024 for ViT-B on STL-10). For
@@ -327,7 +327,7 @@ def main(args):
     ddp, master, cuda = "RANK" in os.environ, rank == 0, device.type == "cuda"
     say = print if master else (lambda *a, **k: None)
     compile_model = cuda if args.compile is None else args.compile
-    out_dir = args.output_dir or os.path.join("runs", f"{args.method}_{args.dataset}_{args.model}")
+    out_dir = output_dir(args.output_dir or os.path.join("runs", f"{args.method}_{args.dataset}_{args.model}"))
 
     # ---- data: uint8 images, on the GPU when there is one (augmentation runs there too)
     train_set, knn_sets, steps_per_epoch = load_data(args)
@@ -356,7 +356,6 @@ def main(args):
     # ---- resume: everything needed to continue exactly (randomness is seeded per step)
     step = resume(raw_model, opt, args.resume or os.path.join(out_dir, "ckpt.pt"), args.resume, say)
     if master:
-        os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
     # the k-NN of the untrained encoder: the number pretraining has to beat

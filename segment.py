@@ -2,10 +2,10 @@
 3.2.1): train a small U-Net on image + mask pairs, then predict a mask for every image of a folder,
 post-processed as the thesis did (the two largest components, holes filled), doubtful ones flagged.
 
-    python segment.py train --data-dir ../shared/data/cxr/openist_normal/images \\
-        --masks ../shared/data/cxr/openist_normal/masks --img-size 64 --width 8 --epochs 3 --output-dir runs/seg_tiny
-    python segment.py train --data-dir ../shared/data/cxr/openist_normal/images \\
-        --masks ../shared/data/cxr/openist_normal/masks     # 256 px: ~13 min on 2 CPU cores, val Dice ~0.97
+    python data.py download openist                        # data/openist: 275 normal radiographs, lung masks
+    python segment.py train --data-dir data/openist/images --masks data/openist/masks --img-size 64 --width 8 \\
+        --epochs 3 --output-dir runs/seg_tiny
+    python segment.py train --data-dir data/openist/images --masks data/openist/masks    # the defaults
     python segment.py predict --checkpoint runs/segment/best.pt --data-dir /data/cxr --output-dir /data/cxr_masks
     python pretrain.py --dataset dicom --data-dir /data/cxr --masks /data/cxr_masks --variant seg-black ...
 
@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from models import (Preemption, autocast, param_groups, read_checkpoint, resolve_device, reuse_freed_memory,
-                    save_checkpoint)
+from models import (Preemption, autocast, output_dir, param_groups, read_checkpoint, resolve_device,
+                    reuse_freed_memory, save_checkpoint)
 
 
 def get_args(argv=None):
@@ -116,6 +116,14 @@ def get_args(argv=None):
                    "under this fraction of the larger, or missing (OpenIST: 0.71 or more)")
     q.add_argument("--min-confidence", type=data.Number(float, "[0, 1]"), default=0.85, help="flag when the mean "
                    "probability inside the mask is lower")
+    q.add_argument("--tta", type=data.Number(int, "[0, 6]"), default=4, help="views of each image, zoomed or shifted a "
+                   "little, whose masks the doubt score compares with the mask predicted (0: no doubt score)")
+    q.add_argument("--max-doubt", type=data.Number(float, "[0, 1]"), default=0.05, help="flag masks whose doubt (1 - "
+                   "Dice between the mask and the views' masks, on average) exceeds this")
+    q.add_argument("--min-solidity", type=data.Number(float, "[0, 1]"), default=0.85, help="flag masks that fill "
+                   "less than this of their lungs' convex hulls (ragged: stopped at an opacity)")
+    q.add_argument("--hull", action="store_true", help="fill each lung to its convex hull: behind the heart and into "
+                   "the costophrenic angles, the whole lung a radiologist would draw (see docs/segmentation.md)")
     q.add_argument("--grid", type=data.NONNEG_INT, default=16, help="images in overlay.png (flagged ones first)")
     q.add_argument("--reference", default=None, help="a folder of known <id>.png masks: Dice and IoU of each "
                    "predicted mask at the image's own size in masks.csv, their summary, and worst.png (the five "
@@ -421,7 +429,7 @@ def train(args):
     device = resolve_device(args.device)
     reuse_freed_memory(device)          # on a CPU; else every step faults its activations in again (1.9 -> 1.3 s)
     amp, precision = autocast(args.precision, device)
-    out_dir = args.output_dir
+    out_dir = output_dir(args.output_dir)
 
     # ---- data: uint8 images and 0/1 masks at img_size, decoded once by data.py (and cached)
     opts = dict(data.data_options(args), split_fractions=(1.0, 0.0, 0.0))     # all of it: split below
@@ -459,7 +467,6 @@ def train(args):
 
     # ---- resume
     step, best = resume(raw_model, opt, args.resume or os.path.join(out_dir, "ckpt.pt"), args.resume)
-    os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=1)
     state = lambda: dict(model=raw_model.state_dict(), opt=opt.state_dict(), step=step, epoch=step // steps_per_epoch,
@@ -546,12 +553,52 @@ def unfit_square(prob, h, w, keep_aspect=True):
     return F.interpolate(prob[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
 
 
-def judge(mask, prob, args):
-    """One masks.csv row's numbers and flag: lung fraction, confidence (mean probability inside the
-    mask), components, and why the mask looks wrong ('' when it does not)."""
+VIEWS = ((1.1, 0, 0), (0.9, 0, 0), (1, 0.06, 0), (1, -0.06, 0), (1, 0, 0.06), (1, 0, -0.06))   # zoom, shift
+
+
+def warp(x, zoom, dx, dy, back=False):
+    """A batch (B, C, S, S) zoomed by `zoom` and shifted by (dx, dy) (fractions of the half-side), as a view for
+    the doubt score; back=True undoes it, for the probabilities predicted on the view."""
+    a = [[1 / zoom, 0, dx], [0, 1 / zoom, dy]] if not back else [[zoom, 0, -dx * zoom], [0, zoom, -dy * zoom]]
+    grid = F.affine_grid(torch.tensor(a, device=x.device).expand(len(x), 2, 3), x.shape, align_corners=False)
+    return F.grid_sample(x, grid, align_corners=False)
+
+
+def convex_hulls(mask):
+    """Every component of a bool (H, W) mask filled to its convex hull (--hull): a lung then reaches behind the
+    heart's shadow and into the costophrenic angles, roughly as radiologists who draw the whole lung do."""
+    def half(points):                                    # Andrew's monotone chain: one side of the hull
+        h = []
+        for p in points:
+            while len(h) >= 2 and (h[-1][0] - h[-2][0]) * (p[1] - h[-2][1]) <= \
+                    (h[-1][1] - h[-2][1]) * (p[0] - h[-2][0]):
+                h.pop()
+            h.append(p)
+        return h[:-1]
+    labels, areas = label_components(mask)
+    out = np.zeros_like(mask)
+    for k in range(1, len(areas) + 1):
+        ys, xs = np.nonzero(labels == k)                 # row-major: each row's first and last pixel bound it
+        ends = np.r_[True, ys[1:] != ys[:-1]] | np.r_[ys[1:] != ys[:-1], True]
+        pts = sorted(set(zip(xs[ends].tolist(), ys[ends].tolist())))
+        hull = half(pts) + half(pts[::-1]) or pts
+        yy, xx = np.mgrid[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+        inside = np.ones(yy.shape, bool)
+        for (ax, ay), (bx, by) in zip(hull, hull[1:] + hull[:1]):
+            inside &= (bx - ax) * (yy - ay) - (by - ay) * (xx - ax) >= 0
+        out[ys.min():ys.max() + 1, xs.min():xs.max() + 1] |= inside
+    return out
+
+
+def judge(mask, prob, doubt, args):
+    """One masks.csv row's numbers and flag: lung fraction, confidence (mean probability inside the mask),
+    components, doubt (how much the mask changes when the image is zoomed or shifted a little: 1 - Dice, averaged
+    over the views), solidity (the mask's share of its lungs' convex hulls: a lung is nearly convex, a mask that
+    stops at an opacity is ragged) and why the mask looks wrong ('' when it does not)."""
     _, areas = label_components(mask)
     frac, conf = mask.mean(), float(prob[mask].mean()) if mask.any() else 0.0
-    why = []
+    solidity = float(mask.sum() / max(convex_hulls(mask).sum(), 1))
+    why = ["doubtful"] * (doubt > args.max_doubt) + ["ragged"] * (0 < solidity < args.min_solidity)
     if len(areas) == 0:
         why.append("empty")
     elif args.components >= 2 and (len(areas) < 2 or areas[1] < args.min_ratio * areas[0]):
@@ -563,7 +610,7 @@ def judge(mask, prob, args):
     if len(areas) and conf < args.min_confidence:
         why.append("unsure")
     return dict(lung_fraction=round(float(frac), 4), confidence=round(conf, 4), components=len(areas),
-                flag=";".join(why))
+                doubt=round(doubt, 4), solidity=round(solidity, 4), flag=";".join(why))
 
 
 def outline(mask, size):
@@ -630,7 +677,7 @@ def predict(args):
         files, ids, _ = data.list_xrays(args.data_dir, cache_dir=out_dir)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    os.makedirs(out_dir, exist_ok=True)
+    output_dir(out_dir)
     print(f"{len(files)} images under {args.data_dir} -> {out_dir} | U-Net {ckpt['unet_config']} at {size}px | "
           f"{device} {precision}")
 
@@ -655,16 +702,19 @@ def predict(args):
             if not imgs:
                 continue
             x = torch.from_numpy(np.stack([data.fit_square(i, size, keep_aspect) for i in imgs]))[:, None]
-            x = equalize(x) if d.get("equalize") else x
-            with amp:
-                logits = model(data.normalize(x.to(device), d["mean"], d["std"]))
-            probs = torch.sigmoid(logits.float())[:, 0].cpu()
-            for img, k, prob in zip(imgs, keep, probs):
+            x = data.normalize((equalize(x) if d.get("equalize") else x).to(device), d["mean"], d["std"])
+            with amp:                                    # the image, then the same image zoomed and shifted
+                probs = torch.sigmoid(model(torch.cat([x] + [warp(x, *v) for v in VIEWS[:args.tta]])).float())
+            probs = probs.split(len(x))
+            seen = [dice_iou(probs[0] > 0.5, warp(p, *v, back=True) > 0.5)[0] for p, v in zip(probs[1:], VIEWS)]
+            doubts = 1 - torch.stack(seen).mean(0) if seen else torch.zeros(len(x))
+            for img, k, prob, doubt in zip(imgs, keep, probs[0][:, 0].cpu(), doubts.tolist()):
                 prob = unfit_square(prob, *img.shape, keep_aspect).numpy()
                 mask = postprocess(prob > args.threshold, args.components)
+                mask = convex_hulls(mask) if args.hull else mask
                 Image.fromarray(mask.astype(np.uint8) * 255).save(os.path.join(out_dir, ids[k] + ".png"))
                 row = dict(id=ids[k], file=os.path.relpath(files[k], args.data_dir), height=img.shape[0],
-                           width=img.shape[1], **judge(mask, prob, args))
+                           width=img.shape[1], **judge(mask, prob, doubt, args))
                 ref = reference_mask(args.reference, ids[k], img.shape)
                 if ref is not None:
                     dice, iou = dice_iou(torch.from_numpy(mask)[None], torch.from_numpy(ref)[None])
@@ -679,7 +729,8 @@ def predict(args):
     # ---- report: masks.csv, overlay.png, and the flagged images by name
     with open(os.path.join(out_dir, "masks.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["id", "file", "height", "width", "lung_fraction", "confidence",
-                                          "components", "flag"] + (["dice", "iou"] if args.reference else []),
+                                          "components", "doubt", "solidity", "flag"] + (["dice", "iou"] if args.reference
+                                                                                        else []),
                            restval="")
         w.writeheader()
         w.writerows(rows)

@@ -12,7 +12,9 @@ labels.csv (id, label) is written, the label being the image's left/right orient
 radiographs are mirrored. --both-sides writes every distinct radiograph twice instead, as itself
 (<id>, "original") and mirrored (<id>_f, "flipped"), with a split column that keeps both of a
 radiograph (and the OpenIST twins, identical pixels under two ids) in one of train / val / test
-(70 / 10 / 20 %, seeded): the CAM study of docs/cam.md.
+(70 / 10 / 20 %, seeded): the CAM study of docs/cam.md. --sick writes every radiograph four times instead,
+as it is ("clean") and with one simulated opacity of known extent over its lung mask (the label): a consolidated
+lower part of one lung, an effusion under a meniscus, a haze over both (sick_lungs); the mask stays the lung.
 """
 import argparse
 import csv
@@ -56,12 +58,43 @@ def write_dicom(path, pixels, photometric="MONOCHROME2", bits_stored=None, signe
     return path
 
 
+def sick_lungs(img, mask, rng):
+    """{kind: image} for a float radiograph (H, W) in [0, 1] and its bool lung mask: clean, and each opacity
+    blended toward the soft tissue's brightness inside the lungs, following their outline as disease does (unlike
+    segment.py's training augmentation, whose edges never follow the lungs)."""
+    from PIL import Image, ImageFilter
+    H, W = mask.shape
+    blur = lambda a, s: np.asarray(Image.fromarray((a * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(s)),
+                                   np.float32) / 255
+    level = np.percentile(img[~mask & (img > 0.05)], 90)                 # as bright as the mediastinum
+    cloud = blur(rng.random((H, W)).astype(np.float32), W / 60)
+    cloud = (cloud - cloud.min()) / (cloud.max() - cloud.min() + 1e-6)
+    cols = np.nonzero(mask.any(0))[0]
+    split = (cols.min() + cols.max()) // 2                                 # the two lungs, either side of the middle
+    lungs = [mask & (np.arange(W) < split), mask & (np.arange(W) >= split)]
+    rows = np.arange(H)[:, None]
+    lung = lungs[rng.integers(2)]
+    ly = np.nonzero(lung.any(1))[0]
+    cut = ly.min() + rng.uniform(0.3, 0.6) * (ly.max() - ly.min())        # consolidation below a random height
+    consolidation = blur((lung & (rows > cut)).astype(np.float32), W / 100) * rng.uniform(0.7, 1.0) * \
+        (0.75 + 0.25 * cloud)
+    lung = lungs[rng.integers(2)]
+    ly, lx = np.nonzero(lung.any(1))[0], np.nonzero(lung.any(0))[0]
+    base = ly.max() - rng.uniform(0.25, 0.45) * (ly.max() - ly.min())     # effusion: a meniscus up to the wall
+    meniscus = base - 0.15 * (ly.max() - ly.min()) * (2 * (np.arange(W) - lx.mean()) / max(np.ptp(lx), 1)) ** 2
+    effusion = blur((lung & (rows > meniscus[None])).astype(np.float32), W / 150) * 0.95
+    haze = blur(mask.astype(np.float32), W / 80) * rng.uniform(0.45, 0.75) * (0.5 + 0.5 * cloud)
+    return {"clean": img, **{k: np.clip(img + w * (level - img), 0, 1) for k, w in
+                             (("consolidation", consolidation), ("effusion", effusion), ("haze", haze))}}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="folder with images/<id>.jpg (or .png), masks/<id>.png (data/openist)")
     p.add_argument("out")
     p.add_argument("--extra", default=None, help="a folder of real .dcm files to copy in (unlabelled)")
     p.add_argument("--both-sides", action="store_true", help="each radiograph as itself and mirrored, split by radiograph")
+    p.add_argument("--sick", action="store_true", help="each radiograph clean and with three simulated opacities")
     p.add_argument("--seed", type=int, default=0, help="--both-sides: the split")
     p.add_argument("--limit", type=int, default=0, help="only the first N radiographs (0: all)")
     args = p.parse_args(argv)
@@ -80,7 +113,11 @@ def main(argv=None):
         i = os.path.splitext(name)[0]
         img = np.asarray(Image.open(os.path.join(args.source, "images", name)).convert("L"), dtype=np.float64)
         mask = Image.open(os.path.join(args.source, "masks", i + ".png"))
-        if args.both_sides:
+        if args.sick:
+            lungs = np.asarray(mask.convert("L")) > 127
+            versions = [(f"{i}_{kind}", v * 255, mask, kind) for kind, v in
+                        sick_lungs(img / 255, lungs, np.random.default_rng(args.seed + k)).items()]
+        elif args.both_sides:
             key = img.tobytes()
             if key in seen:    # the same radiograph under another id: keep one, not one per split
                 continue

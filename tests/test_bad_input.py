@@ -42,6 +42,17 @@ def files(tmp_path_factory):
         write_dicom(d / "dcm" / f"im{i}.dcm", x[i, :, :, 0])
         Image.fromarray(np.full((16, 12 if i == 2 else 16), 255, np.uint8)).save(d / "masks" / f"im{i}.png")
     (d / "emptylabel.csv").write_text("id,label\nim0,a\nim1,\nim2,b\nim3,a\n")
+    # issue 28: what hospital exports and students' folders hold
+    (d / "contradict.csv").write_text("id;label\nim0;a\nim1;b\nim2;b\nim3;a\nim1;a\n")        # semicolons, im1 twice
+    (d / "latin1.csv").write_bytes("id,label\nim0,a\nim1,pneumonía\nim2,a\nim3,a\n".encode("latin-1"))
+    (d / "rare.csv").write_text("id,label,split\nim0,a,train\nim1,a,train\nim2,a,test\nim3,b,test\n")
+    (d / "badsplit.csv").write_text("id,label,split\nim0,a,train\nim1,a,\nim2,a,test\nim3,b,test\n")
+    (d / "afile").write_text("not a folder\n")
+    os.makedirs(d / "folder_empty_class" / "b")
+    os.makedirs(d / "folder_empty_class" / "a")
+    for i in range(4):
+        Image.fromarray(x[i]).save(d / "folder_empty_class" / "a" / f"{i}.png")
+    (d / "trunc.npz").write_bytes(open(f["good"], "rb").read()[:300])
     os.makedirs(d / "empty")
     (d / "notckpt.pt").write_text("these are not the weights you are looking for\n")
     pretrain.main(pretrain.get_args(TINY_PRETRAIN + ["--max-steps", "1", "--knn-samples", "20",
@@ -76,6 +87,22 @@ CASES = [
     ("finetune", "--dataset npz --data-dir {dir}/fraclabel.npz", "fraclabel.npz: y: label 0.5 at index 2 is not a whole"),
     ("pretrain", "--dataset dicom --data-dir {dir}/dcm --labels {dir}/emptylabel.csv --img-size 16 --patch-size 4",
      "emptylabel.csv: line 3 has no label"),
+    # issue 28: contradictory rows, another encoding, a class with no training image, a half-filled split column,
+    # an empty class folder, a truncated npz, outputs that cannot be written
+    ("finetune", "--dataset dicom --data-dir {dir}/dcm --labels {dir}/contradict.csv --img-size 16 --patch-size 4",
+     "contradict.csv: image 'im1' is on line 3 as ('b', None) and on line 6 as ('a', None)"),
+    ("finetune", "--dataset dicom --data-dir {dir}/dcm --labels {dir}/latin1.csv --img-size 16 --patch-size 4",
+     "latin1.csv: not UTF-8 text (byte 26): save it as UTF-8 CSV"),
+    ("finetune", "--dataset dicom --data-dir {dir}/dcm --labels {dir}/rare.csv --img-size 16 --patch-size 4",
+     "rare.csv: class 'b' has no training image (1 in all)"),
+    ("finetune", "--dataset dicom --data-dir {dir}/dcm --labels {dir}/badsplit.csv --img-size 16 --patch-size 4",
+     "badsplit.csv: line 3: image im1 has split ''; use train, val or test"),
+    ("pretrain", "--dataset folder --data-dir {dir}/folder_empty_class --img-size 16 --patch-size 4",
+     "folder_empty_class/b holds no images"),
+    ("linprobe", "--dataset npz --data-dir {dir}/trunc.npz", "trunc.npz is not a readable .npz"),
+    ("pretrain", "--output-dir {dir}/afile " + " ".join(GEOM), "--output-dir {dir}/afile: File exists; choose a folder"),
+    ("linprobe", "--output-dir {dir}/afile/sub", "--output-dir {dir}/afile/sub: Not a directory"),
+    ("cam", "--checkpoint {pre} --output-dir /proc/dsmae", "--output-dir /proc/dsmae: No such file or directory"),
     ("cam", "--checkpoint {dir}/notckpt.pt", "notckpt.pt is not a readable classifier checkpoint"),
     # settings
     ("pretrain", "--img-size 18 --patch-size 4", "--img-size 18 is not divisible by --patch-size 4"),

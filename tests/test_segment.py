@@ -133,12 +133,31 @@ def test_judge_flags_one_lung_and_areas():
     two = np.zeros((20, 20), bool)
     two[2:18, 2:8], two[2:18, 11:17] = True, True
     prob = np.where(two, 0.95, 0.05)
-    assert segment.judge(two, prob, args) == dict(lung_fraction=0.48, confidence=0.95, components=2, flag="")
+    assert segment.judge(two, prob, 0.01, args) == dict(lung_fraction=0.48, confidence=0.95, components=2,
+                                                          doubt=0.01, solidity=1.0, flag="")
+    ragged = two.copy()
+    ragged[6:14, 2:6] = False                          # a bite out of the left lung: 32 of its hull's 96 pixels
+    assert segment.judge(ragged, prob, 0.0, args)["solidity"] == round((192 - 32) / 192, 4) and \
+        segment.judge(ragged, prob, 0.0, args)["flag"] == "ragged"
+    assert segment.judge(two, prob, args.max_doubt + 0.01, args)["flag"] == "doubtful"
     one = two.copy()
     one[:, 10:] = False
-    assert segment.judge(one, prob, args)["flag"] == "one lung"
-    assert segment.judge(np.zeros((20, 20), bool), prob, args)["flag"] == "empty"
-    assert segment.judge(np.ones((20, 20), bool), np.full((20, 20), 0.6), args)["flag"] == "one lung;large;unsure"
+    assert segment.judge(one, prob, 0.0, args)["flag"] == "one lung"
+    assert segment.judge(np.zeros((20, 20), bool), prob, 0.0, args)["flag"] == "empty"
+    assert segment.judge(np.ones((20, 20), bool), np.full((20, 20), 0.6), 0.0, args)["flag"] == "one lung;large;unsure"
+
+
+def test_views_undo_and_convex_hulls_fill_only_the_notches():
+    x = torch.zeros(1, 1, 64, 64)
+    x[..., 20:44, 16:40] = 1
+    for view in segment.VIEWS:                       # warped and back: the same square, up to the interpolation
+        back = segment.warp(segment.warp(x, *view), *view, back=True)
+        assert (back > 0.5).sum() == x.sum() and ((back > 0.5) == (x > 0.5)).all(), view
+    m = np.zeros((20, 30), bool)
+    m[2:18, 3:10], m[8:12, 6:10] = True, False      # a lung with a notch on its inner side
+    m[2:18, 15:25], m[2:5, 15:18] = True, False     # and one with a corner cut
+    h = segment.convex_hulls(m)
+    assert (h >= m).all() and h[8:12, 6:10].all() and h[2:5, 15:18].sum() == 3 and h.sum() == m.sum() + 16 + 3
 
 
 # ----------------------------------------------------------------------------- segment.py train

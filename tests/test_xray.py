@@ -12,7 +12,8 @@ from PIL import Image
 import data
 from make_xray_dicoms import write_dicom
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr" / "dicom"
+# real radiographs from other hospitals (CR, MONOCHROME1/2, JPEG and JPEG 2000): a local copy, when there is one
+SHARED = Path(os.environ.get("DSMAE_TEST_DATA", "/nonexistent")) / "dicom"
 
 
 def linear_window(x, c, w):  # PS3.3 C.11.2.1.2.1, by hand
@@ -88,7 +89,7 @@ def test_non_images_and_undecodable_syntax_named(tmp_path, stored12):
         data.read_dicom(str(tmp_path / "ls.dcm"))
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="no real DICOMs in ../shared/data/cxr/dicom")
+@pytest.mark.skipif(not SHARED.is_dir(), reason="no real DICOMs: set DSMAE_TEST_DATA to a folder with dicom/")
 def test_real_dicoms_decode_with_dark_lungs():
     files = sorted(SHARED.glob("*.dcm"))
     assert len(files) >= 3
@@ -281,3 +282,30 @@ def test_every_script_takes_dicom(tmp_path):
                                                    "--checkpoint-key", "student", "--epochs", "1",
                                                    "--output-dir", str(tmp_path / "lp")]))
     assert 0 <= lp["mean_per_class"] <= 100
+
+
+def test_hospital_exports_read_as_a_user_expects(tmp_path, capsys):
+    """Issue 28: a labels CSV from Excel (byte-order mark, semicolons, a row pasted twice), the DICOMDIR index an
+    export writes beside its images, a 16-bit PNG export, OpenIST's anti-aliased masks, an empty mask."""
+    root = make_study(tmp_path, n=6, labels=("a", "b"))
+    rows = (root / "labels.csv").read_text().strip().splitlines()
+    (root / "labels.csv").write_bytes(("\ufeff" + "\n".join(r.replace(",", ";") for r in rows + [rows[3]]) + "\n")
+                                      .encode("utf-8"))
+    write_dicom(root / "dcm" / "DICOMDIR", np.zeros((4, 4), np.uint8))        # an index: never read as an image
+    ds = xray(root, split_fractions=(1, 0, 0))
+    assert sorted(ds.ids) == [f"im{i:02d}" for i in range(6)] and ds.classes == ["a", "b"]
+    assert "1 row(s) repeat an earlier row word for word" in capsys.readouterr().out
+    # 16-bit export: windowed as a DICOM without a window would be, not clipped to 255
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)          # 0 .. 65520
+    Image.fromarray(ramp).save(tmp_path / "x16.png")
+    x = data.read_radiograph(str(tmp_path / "x16.png"))
+    assert x.dtype == np.float32 and x.min() == 0 and x.max() == 1 and 0.45 < x.mean() < 0.55
+    # masks: lung where over half the mask's maximum; a mask with no lung pixel is named
+    aa = np.zeros((8, 8), np.uint8)
+    aa[2:6, 2:6], aa[1, 2:6] = 255, 90                                        # an anti-aliased upper edge
+    Image.fromarray(aa).save(tmp_path / "aa.png")
+    assert data.read_mask(str(tmp_path / "aa.png"), (8, 8)).sum() == 16
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(root / "masks" / "im04.png")
+    with pytest.raises(ValueError, match="im04.png has no lung pixel"):
+        xray(root, split_fractions=(1, 0, 0))
+    assert "im04" not in xray(root, split_fractions=(1, 0, 0), skip_bad=True).ids
