@@ -3,7 +3,11 @@ end-to-end run, and the fast paths (explicit bf16 attention on a CPU, torch.comp
 eager on a fixed batch."""
 import functools
 import json
+import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -72,19 +76,30 @@ def test_bench_runs_end_to_end_on_the_tiny_config(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_gpu_script_runs_on_a_cpu_and_falls_back_without_compile(tmp_path):
-    """bench_gpu.sh, the script prepared for a lent GPU, on the tiny configuration: a compiled run that
-    fails (here: an unknown flag in its place) is rerun without compile, and each config leaves its JSON."""
-    import os
-    import subprocess
-    env = dict(os.environ, DEVICE="cpu", CONFIGS="tiny:8", COMPILE="--no-such-flag", LIMIT="600")
-    res = subprocess.run(["bash", "bench_gpu.sh", str(tmp_path)], cwd=os.path.dirname(bench.__file__), env=env,
-                         capture_output=True, text=True)
+def test_gpu_script_runs_on_a_cpu_and_keeps_numbers_when_compiling_fails(tmp_path):
+    """bench_gpu.sh, the script prepared for a lent GPU, end to end on the tiny configuration and a 200-image
+    npz: a compiled run that fails (here: an unknown flag in its place) leaves the uncompiled numbers, and the
+    learning part then pretrains uncompiled, for epochs taken from the uncompiled rate, and probes three encoders."""
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "small.npz"
+    np.savez(npz, x=rng.integers(0, 256, (200, 32, 32, 3), dtype=np.uint8), y=np.repeat(np.arange(10), 20),
+             class_names=np.array([f"c{i}" for i in range(10)]))
+    path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")   # the script's `python`: ours
+    env = dict(os.environ, PATH=path, DEVICE="cpu", CONFIGS="tiny:8", COMPILE="--no-such-flag", LIMIT_EAGER="300",
+               LEARN_S="2", CIFAR_NPZ=str(npz), LEARN_MODEL="--model vit_nano --patch-size 8")
+    res = subprocess.run(["bash", "bench_gpu.sh", str(tmp_path / "out")], cwd=os.path.dirname(bench.__file__), env=env,
+                         capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
-    assert "again without torch.compile" in res.stdout
-    rows = json.loads((tmp_path / "gpu_tiny.json").read_text())["rows"]
+    out = tmp_path / "out"
+    assert "tiny compiled: failed" in res.stdout and not (out / "speed_tiny_compiled.json").exists()
+    rows = json.loads((out / "speed_tiny_eager.json").read_text())["rows"]
     assert [r["name"] for r in rows] == ["mae bf16", "mae bf16 +data", "dsmae bf16", "dsmae bf16 +data"]
-    assert (tmp_path / "gpu.txt").exists()
+    assert "--no-compile" in res.stdout                        # the learning part knew the compiler had failed
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["speed"]) == {"tiny_eager"} and set(summary["learning"]) == {"random", "mae", "dsmae"}
+    for enc in ("mae", "dsmae"):
+        assert summary["learning"][enc]["epochs"] >= 1 and 0 <= summary["learning"][enc]["knn_top1"] <= 100
+    assert "| dsmae |" in (out / "summary.md").read_text()
 
 
 @pytest.mark.slow

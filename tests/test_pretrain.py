@@ -33,6 +33,9 @@ def test_smoke_run_writes_everything(tmp_path, method):
     assert res["step"] == 3 and 0 <= res["knn_cls"] <= 100
     files = set(os.listdir(tmp_path))
     assert {"ckpt.pt", "args.json", "log.jsonl"} <= files and any(f.startswith("recon_") for f in files)
+    from PIL import Image                                        # readable at a glance: 16 px images shown at 112
+    grid = Image.open(tmp_path / next(f for f in files if f.startswith("recon_")))
+    assert grid.width >= 600 and (grid.width - 2) // 6 - 2 >= 96, grid.size
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert log[-1]["step"] == 3 and log[-1]["img_per_s"] > 0
     if method == "dsmae":
