@@ -694,8 +694,7 @@ def bf16_is_fast(device):
 
 
 def autocast(precision, device):
-    """--precision auto | bf16 | fp32 -> (context, "bf16" | "fp32"), auto: bf16 where bf16_is_fast; fp32 matmuls on a
-    GPU may use TF32."""
+    """--precision auto|bf16|fp32 -> (context, "bf16"|"fp32"); auto: bf16 where fast. fp32 on a GPU may use TF32."""
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if precision == "bf16" or (precision == "auto" and bf16_is_fast(device)):
         return torch.autocast(device.type, dtype=torch.bfloat16), "bf16"
@@ -720,20 +719,21 @@ class Preemption:
     step, so the step in progress finishes, the checkpoint is written at it, and the process exits with 128 + the
     signal (143 for SIGTERM: "terminated", which a scheduler can requeue on). A second signal is ignored.
     Under torch.distributed the ranks' answers are combined every step (a 4-byte all-reduce on a gloo group, off
-    the GPU's stream): one signalled rank stops them all at the same step, none waits in a collective."""
+    the GPU's stream): one signalled rank stops them all at the same step, none waits in a collective. Only the
+    handler writes `noted`, so a signal landing during that all-reduce waits for the next step, never lost."""
 
     def __enter__(self):
-        self.signum, signals = 0, [getattr(signal, s) for s in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, s)]
-        self.old = {s: signal.signal(s, lambda n, frame: setattr(self, "signum", self.signum or n)) for s in signals}
+        self.noted, signals = 0, [getattr(signal, s) for s in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, s)]
+        self.old = {s: signal.signal(s, lambda n, frame: setattr(self, "noted", self.noted or n)) for s in signals}
         ddp = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.group = dist.new_group(backend="gloo") if ddp else None
         return self
 
     def __call__(self):
+        flag = torch.tensor([self.noted])
         if self.group is not None:
-            flag = torch.tensor([self.signum])
             dist.all_reduce(flag, dist.ReduceOp.MAX, group=self.group)
-            self.signum = int(flag)
+        self.signum = int(flag)
         return self.signum != 0
 
     def exit(self, where, path):

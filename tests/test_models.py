@@ -370,5 +370,6 @@ def test_reused_memory_is_not_faulted_in_again():
         faults[mode] = float(n)
     pages = (64 << 20) // 4096
     assert models.reuse_freed_memory(torch.device("meta")) is False       # only for a CPU
-    # default: every reuse faults in all 16,384 pages; kept: none (1,024 seen now and then, from the 16 MiB buffer)
-    assert faults["default"] > pages / 2 and faults["reuse"] < pages / 8, faults
+    # default: every reuse faults in all 16,384 pages; kept: none of them (now and then the 16 MiB buffer's 4,096
+    # pages still fault in, depending on where the heap put it: tolerated, it is the 64 MiB that must not)
+    assert faults["default"] > pages / 2 and faults["reuse"] < pages * 3 / 8, faults

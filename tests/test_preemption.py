@@ -142,6 +142,19 @@ def test_torchrun_signal_to_one_rank_stops_both_at_one_step_then_resumes_bit_ide
     same(a["model"], b["model"])
 
 
+def test_a_signal_landing_while_the_ranks_compare_answers_is_kept_for_the_next_step(monkeypatch):
+    """The race the torchrun test above caught one run in two: the rank waits in the all-reduce of its answer (0),
+    the signal lands there, and writing back the ranks' answer must not erase it."""
+    import models
+
+    def all_reduce(flag, op, group):                          # the other rank answered 0; the signal arrives now
+        os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(models.dist, "all_reduce", all_reduce)
+    with models.Preemption() as stop:
+        stop.group = "two ranks"
+        assert [stop(), stop()] == [False, True] and stop.signum == signal.SIGTERM
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
 def test_finetune_each_signal(tmp_path, monkeypatch, capsys, signum):
     path = separable_npz(tmp_path / "sep.npz", n_per_class=24)
