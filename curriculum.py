@@ -1,8 +1,7 @@
-"""Curricular self-supervised learning (SPEC section 4, the thesis 004): one backbone is trained on
-an ordered list of pretext tasks, each with its own head (dropped after its stage, the backbone
-kept), then a classifier. Every stage, the classifier included, searches its learning rate: a short
-run per value of a grid from the same starting weights, scored on a validation split; the best run
-is continued to the full length.
+"""Curricular self-supervised learning (SPEC section 4, the thesis 004): one backbone is trained on an ordered list
+of pretext tasks, each with its own head (dropped after its stage, the backbone kept), then a classifier. Every stage,
+the classifier included, searches its learning rate: a short run per value of a grid from the same starting weights,
+scored on a validation split; the best run is continued to the full length.
 
     python curriculum.py --backbone resnet18 --stages rotation,relloc --epochs 2 --search-epochs 1 \\
         --cls-epochs 2 --cls-search-epochs 1 --lr-grid 0.01,0.1 --max-train 500 --device cpu   # CPU, minutes
@@ -10,13 +9,12 @@ is continued to the full length.
         --labels labels.csv --masks MASKS --variant seg-black --img-size 224          # one GPU, the thesis' row
     python curriculum.py --backbone vit_tiny --patch-size 4 --stages mae,rotation --dataset cifar10
 
-Stages: rotation, relloc, moco, swav, simclr, byol, dino (any backbone), mae, dsmae (ViT backbones);
---stages "" trains the classifier from scratch. Each stage writes <output-dir>/<stages so far>/:
-trials.json (the score of every lr), final.pt (the backbone after the stage; for the classifier the
-whole model, readable by models.load_classifier). Stage folders are named by the prefix of stages,
-so runs sharing --output-dir share finished prefixes (rotation, then rotation-relloc reuses it), and
-rerunning a command resumes at the first unfinished stage or lr trial (trials restart from their
-beginning). One row per run is appended to --results (CSV) and the whole file printed as a table.
+Stages: rotation, relloc, moco, swav, simclr, byol, dino (any backbone), mae, dsmae (ViT backbones); --stages ""
+trains the classifier from scratch. Each stage writes <output-dir>/<stages so far>/: trials.json (the score of every
+lr), final.pt (the backbone after the stage; for the classifier the whole model, readable by models.load_classifier).
+Stage folders are named by the prefix of stages, so runs sharing --output-dir share finished prefixes (rotation, then
+rotation-relloc reuses it). Rerunning a command resumes at the first unfinished stage or lr trial, at the step where a
+signal stopped it. One row per run is appended to --results (CSV), and the whole file printed as a table.
 """
 import argparse
 import csv
@@ -46,8 +44,7 @@ def get_args(argv=None):
     p.add_argument("--data-dir", default="data")
     p.add_argument("--download", action="store_true")
     p.add_argument("--output-dir", default=None, help="default: runs/curriculum_<dataset>_<variant>_<backbone>")
-    p.add_argument("--results", default=None, help="CSV the run's row is appended to (default: "
-                   "<output-dir>/results.csv)")
+    p.add_argument("--results", default=None, help="CSV the run's row is added to (default: <output-dir>/results.csv)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--num-workers", type=data.NONNEG_INT, default=4)
@@ -60,16 +57,13 @@ def get_args(argv=None):
     p.add_argument("--stages", default="rotation,relloc", help=f"comma-separated, in order, from {', '.join(PRETEXT)}")
     p.add_argument("--batch-size", type=data.Number(int, "[2, inf)"), default=32, help="thesis (Table 4.3): rotation "
                    "16 (x4 angles), relloc 32, MoCo 32, SwAV 8, classification 64")
-    p.add_argument("--epochs", type=data.POS_INT, default=30, help="pretext epochs per stage, lr search included "
-                   "(thesis 30)")
+    p.add_argument("--epochs", type=data.POS_INT, default=30, help="per pretext stage, search included (thesis 30)")
     p.add_argument("--search-epochs", type=data.POS_INT, default=20, help="epochs of each lr trial (thesis 20)")
     p.add_argument("--cls-epochs", type=data.POS_INT, default=150, help="classification epochs (thesis 150)")
     p.add_argument("--cls-search-epochs", type=data.POS_INT, default=70, help="thesis 70")
     p.add_argument("--cls-batch-size", type=data.Number(int, "[2, inf)"), default=64)
-    p.add_argument("--lr-grid", type=LR_GRID, default="0.01,0.058,0.106,0.155,0.203,0.25",
-                   help="SGD stages (thesis: these 6)")
-    p.add_argument("--lars-lr-grid", type=LR_GRID, default="0.3,0.6,1.2",
-                   help="LARS (SwAV): the step is lr * 0.001 * |w| / |g|")
+    p.add_argument("--lr-grid", type=LR_GRID, default="0.01,0.058,0.106,0.155,0.203,0.25", help="SGD (thesis: these 6)")
+    p.add_argument("--lars-lr-grid", type=LR_GRID, default="0.3,0.6,1.2", help="LARS (SwAV): lr * 0.001 * |w| / |g|")
     p.add_argument("--adamw-lr-grid", type=LR_GRID, default="1.5e-4,5e-4,1.5e-3", help="AdamW (mae, dsmae)")
     p.add_argument("--cls-lr-grid", type=LR_GRID, default=None, help="classification (default: --lr-grid)")
     p.add_argument("--opt", default="auto", choices=["auto", "sgd", "lars", "adamw"],
@@ -77,22 +71,19 @@ def get_args(argv=None):
     p.add_argument("--search-metric", default="task", choices=["task", "knn"],
                    help="pretext trial score: task = accuracy (rotation, relloc) or minus the loss (the others) on "
                    "the validation split, as the thesis; knn = k-NN accuracy of the backbone (needs labels)")
-    p.add_argument("--cls-mode", default="finetune", choices=["finetune", "linear"],
-                   help="finetune: linear head and whole backbone; linear: frozen backbone")
+    p.add_argument("--cls-mode", default="finetune", choices=["finetune", "linear"], help="linear: a frozen backbone")
     p.add_argument("--crop-scale", type=data.Number(float, "(0, 1]"), default=0.5, help="smallest random crop (0.5 for "
                    "X-rays; thesis: random crop + flip for every task)")
     p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True,
                    help="random horizontal flips in every stage's views; --no-hflip where left and right differ")
     p.add_argument("--val-fraction", type=data.Number(float, "(0, 1)"), default=0.1, help="without a val split (all "
                    "but dicom): the last fraction of each class of train is held out as validation, deterministically")
-    p.add_argument("--max-train", type=data.NONNEG_INT, default=0, help="use only this many training images, evenly "
-                   "spaced (0: all)")
+    p.add_argument("--max-train", type=data.NONNEG_INT, default=0, help="this many training images, spaced (0: all)")
     p.add_argument("--max-val", type=data.NONNEG_INT, default=0, help="likewise for the validation split")
     # pretext settings (paper values, except sizes scaled down for small data)
     p.add_argument("--proj-dim", type=data.POS_INT, default=128, help="projection width (MoCo v2, SimCLR, SwAV, BYOL)")
     p.add_argument("--temperature", type=data.POS, default=0.2, help="InfoNCE (MoCo v2 0.2, SimCLR)")
-    p.add_argument("--moco-queue", type=data.POS_INT, default=4096, help="negatives, capped at half the training "
-                   "images")
+    p.add_argument("--moco-queue", type=data.POS_INT, default=4096, help="negatives (at most half the training images)")
     p.add_argument("--ema", type=data.Number(float, "[0, 1]"), default=0.99, help="key / target / teacher momentum "
                    "(MoCo constant; BYOL, DINO cosine to 1)")
     p.add_argument("--prototypes", type=data.POS_INT, default=100, help="SwAV prototypes (3000 on ImageNet)")
@@ -162,10 +153,9 @@ def make_optimizer(kind, model, lr):
 # ----------------------------------------------------------------------------- pretext tasks
 
 class Task(nn.Module):
-    """A stage's head (and views, encoders, queues) on the shared backbone. forward(x uint8 (B, C, H, W),
-    y) -> (loss, accuracy or None); step_done(step, total) after each optimiser step (EMA encoders,
-    prototypes). Views: aug (random crop + flip, normalised), plain (resize + normalise). The validation
-    score is the accuracy or minus the loss, as `metric` says."""
+    """A stage's head (and views, encoders, queues) on the shared backbone. forward(x uint8 (B, C, H, W), y) ->
+    (loss, accuracy or None); step_done(step, total) after each optimiser step (EMA encoders, prototypes). Views: aug
+    (random crop + flip, normalised), plain (resize + normalise). Validation: accuracy or minus loss, per `metric`."""
     metric = "loss"
 
     def __init__(self, aug, plain):
@@ -461,10 +451,8 @@ def make_task(name, backbone, dim, aug, plain, args, batch_size, num_classes, n_
                          queue=max(batch_size, min(args.moco_queue, n_train // 2)))),
         swav=(SwAV, dict(proj_dim=args.proj_dim, prototypes=args.prototypes, queue=args.swav_queue * batch_size)),
         simclr=(SimCLR, dict(proj_dim=args.proj_dim, temperature=args.temperature)),
-        byol=(BYOL, dict(proj_dim=args.proj_dim, ema=args.ema)),
-        dino=(DINO, dict(out_dim=args.dino_dim, ema=args.ema)),
-        mae=(Masked, dict(masked, method="mae")),
-        dsmae=(Masked, dict(masked, method="dsmae")),
+        byol=(BYOL, dict(proj_dim=args.proj_dim, ema=args.ema)), dino=(DINO, dict(out_dim=args.dino_dim, ema=args.ema)),
+        mae=(Masked, dict(masked, method="mae")), dsmae=(Masked, dict(masked, method="dsmae")),
         classify=(Classify, dict(num_classes=num_classes, linear=args.cls_mode == "linear")))[name]
     return cls(backbone, dim, aug, plain, **kw)
 
@@ -472,8 +460,7 @@ def make_task(name, backbone, dim, aug, plain, args, batch_size, num_classes, n_
 # ----------------------------------------------------------------------------- the stage runner: lr search, resume
 
 class Pooled(nn.Module):
-    """Any backbone's pooled features as a one-token sequence, so that models.extract_features reads
-    ResNets as well as ViTs."""
+    """Any backbone's pooled features as a one-token sequence: models.extract_features reads ResNets as ViTs."""
 
     def __init__(self, backbone):
         super().__init__()
@@ -552,30 +539,29 @@ def score_task(task, backbone, train, val, metric, batch_size, device, amp):
     return total / n
 
 
-# Flags that cannot change what a stage computes: where output goes, how fast and on what it runs (device
-# and precision change results only as other hardware does; a stage begun on a GPU may end on a CPU).
-# --stages is left out because a stage's folder is already named by the stages that led to it.
+# Flags that cannot change what a stage computes: where output goes, how fast and on what it runs (device and precision
+# change results only as other hardware does: a stage begun on a GPU may end on a CPU); --stages names the folder.
 NOT_CONFIG = ("output_dir", "results", "device", "precision", "num_workers", "cache_dir", "download", "stages")
 
 
 def stage_config(args, name):
-    """Every other flag: a finished stage or trial is reused only if all of them match. Pretext stages
-    leave out the classifier's cls_* flags, which cannot change them, so runs differing only in the
-    classifier share their pretext stages (docs/curriculum.md: a second classifier schedule retrains only the
-    classifiers). Other stages' flags (--mask-ratio for rotation) stay: stricter than needed, but there
-    is no list of which flag belongs to which stage to keep in step with get_args."""
+    """Every other flag: a finished stage or trial is reused only if all of them match. Pretext stages leave out the
+    classifier's cls_* flags, which cannot change them, so runs differing only in the classifier share their pretext
+    stages. Other stages' flags (--mask-ratio for rotation) stay: stricter than needed, but there is no list of which
+    flag belongs to which stage to keep in step with get_args."""
     return {k: v for k, v in vars(args).items()
             if k not in NOT_CONFIG and (name == "classify" or not k.startswith("cls_"))}
 
 
-def check_config(saved, wanted, path):
-    """SystemExit unless a finished stage was made with these settings. A flag the stage's run did not
-    have yet (added to get_args since) matches when it is at its default, so new flags keep old runs."""
-    defaults = vars(get_args([]))
-    was = lambda k: saved.get(k, defaults.get(k))
+def load_checked(path, wanted):
+    """A saved stage, trial or running state; SystemExit unless it was made with these settings. A flag the
+    stage's run did not have yet (added to get_args since) matches at its default, so new flags keep old runs."""
+    state, defaults = torch.load(path, map_location="cpu", weights_only=True), vars(get_args([]))
+    was = lambda k: state["config"].get(k, defaults.get(k))
     diff = {k: (was(k), v) for k, v in wanted.items() if was(k) != v}
     if diff:
-        raise SystemExit(f"error: {path} was made with other settings ({diff}, saved vs now); choose another --output-dir")
+        raise SystemExit(f"error: {path} was made with other settings ({diff}, saved vs now); use another --output-dir")
+    return state
 
 
 def stage_settings(name, args):
@@ -616,8 +602,7 @@ def run_stage(name, sdir, backbone, dim, args, train, val, device, amp, stop, ex
             return running_path
         resumed = None
         if os.path.exists(running_path):
-            resumed = torch.load(running_path, map_location="cpu", weights_only=True)
-            check_config(resumed["config"], cfg, running_path)
+            resumed = load_checked(running_path, cfg)
             if resumed["phase"] != phase:                             # another phase's: not ours to continue
                 resumed = None
         if resumed:
@@ -630,8 +615,7 @@ def run_stage(name, sdir, backbone, dim, args, train, val, device, amp, stop, ex
 
     os.makedirs(sdir, exist_ok=True)
     if os.path.exists(final_path):
-        done = torch.load(final_path, map_location="cpu", weights_only=True)
-        check_config(done["config"], cfg, final_path)
+        done = load_checked(final_path, cfg)
         task = fresh(done["lr"])[0] if name == "classify" else None
         (task.model if task is not None else backbone).load_state_dict(done["model"])
         print(f"  {os.path.basename(sdir)}: done (lr {done['lr']:g}, score {done['score']:.2f})")
@@ -640,8 +624,7 @@ def run_stage(name, sdir, backbone, dim, args, train, val, device, amp, stop, ex
     for lr in grid:
         path = os.path.join(sdir, f"trial_lr{lr:g}.pt")
         if os.path.exists(path):
-            trial = torch.load(path, map_location="cpu", weights_only=True)
-            check_config(trial["config"], cfg, path)
+            trial = load_checked(path, cfg)
         else:
             (task, opt), t1 = fresh(lr), time.time()
             loss, score = run(task, opt, lr, 0, min(search_epochs, epochs), f"trial {lr:g}")
@@ -651,7 +634,7 @@ def run_stage(name, sdir, backbone, dim, args, train, val, device, amp, stop, ex
             if stop():
                 stop.exit(f"trial lr {lr:g} of {name}", path)
         trials[lr] = trial["score"]
-        print(f"  {name} lr {lr:g}: score {trial['score']:.2f} (train loss {trial['loss']:.4f}, {trial['seconds']:.0f}s)")
+        print(f"  {name} lr {lr:g}: score {trial['score']:.2f} (loss {trial['loss']:.4f}, {trial['seconds']:.0f}s)")
     best = max(grid, key=lambda lr: trials[lr])                       # ties: the earlier grid value
     task, opt = fresh(best)
     trial = torch.load(os.path.join(sdir, f"trial_lr{best:g}.pt"), map_location="cpu", weights_only=True)
@@ -721,8 +704,7 @@ def print_table(path, cols=("stages", "variant", "seed", "best_lrs", "pretext_sc
         rows = list(csv.DictReader(f))
     widths = [max(len(c), *(len(r.get(c, "")) for r in rows)) for c in cols]
     line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
-    print(line(cols))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    print(line(cols) + "\n|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
         print(line([r.get(c, "") for c in cols]))
 
@@ -750,11 +732,10 @@ def main(args):
                          f"gap of {gap} px; use a larger --img-size (12 or more) or a smaller --relloc-gap")
     n = (args.img_size // args.patch_size) ** 2
     if "mae" in stages and not 0 < round(args.mask_ratio * n) < n:
-        raise SystemExit(f"error: --mask-ratio {args.mask_ratio} masks {round(args.mask_ratio * n)} of the {n} patches: "
+        raise SystemExit(f"error: --mask-ratio {args.mask_ratio} masks {round(args.mask_ratio * n)} of {n} patches: "
                          f"it must leave some to encode and some to predict")
     names = stages + ["classify"]
-    out_dir = output_dir(args.output_dir or os.path.join("runs", f"curriculum_{args.dataset}_{args.variant}_"
-                                                         f"{args.backbone}"))
+    out_dir = output_dir(args.output_dir or f"runs/curriculum_{args.dataset}_{args.variant}_{args.backbone}")
     results = args.results or os.path.join(out_dir, "results.csv")
 
     # ---- data

@@ -16,8 +16,8 @@ writes to --output-dir: ckpt.pt (the latest state; rerunning the command resumes
 (the best val Dice), args.json and log.jsonl (loss, lr, val Dice and IoU: mean and 10th percentile).
 
 predict writes to --output-dir one <id>.png per image (0 or 255, at the image's own size, exactly
-what --masks reads), masks.csv (id, lung fraction, confidence, components kept, flag) and
-overlay.png (the flagged images first); a flagged mask is written too, and listed: you decide.
+what --masks reads), masks.csv (id, lung fraction, confidence, components kept, doubt, solidity, flag)
+and overlay.png (the flagged images first); a flagged mask is written too, and listed: you decide.
 """
 import argparse
 import csv
@@ -41,15 +41,13 @@ from models import (Preemption, autocast, output_dir, param_groups, read_checkpo
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    modes = p.add_subparsers(dest="mode", required=True, metavar="{train,predict}", help="segment.py MODE --help "
-                             "lists the mode's flags")
+    modes = p.add_subparsers(dest="mode", required=True, metavar="{train,predict}", help="MODE --help: its flags")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data-dir", required=True, help="folder of .dcm (or .png/.jpg) radiographs, recursive")
     common.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     common.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="bf16 autocast; "
                         "auto: where it is fast (CUDA, CPUs with AVX512-BF16: this U-Net 1.4x faster than fp32)")
-    common.add_argument("--batch-size", type=data.POS_INT, default=16, help="images per step (and per forward in "
-                        "predict)")
+    common.add_argument("--batch-size", type=data.POS_INT, default=16, help="images per step (per forward in predict)")
     common.add_argument("--num-workers", type=data.NONNEG_INT, default=4, help="threads decoding images")
     raw = argparse.RawDescriptionHelpFormatter
     t = modes.add_parser("train", parents=[common], formatter_class=raw, help="fit a U-Net to image + "
@@ -58,13 +56,12 @@ def get_args(argv=None):
                          "only.")
     t.add_argument("--output-dir", default="runs/segment", help="ckpt.pt, best.pt, log.jsonl, args.json")
     t.add_argument("--resume", default="", help="checkpoint to resume from (default: <output-dir>/ckpt.pt if present)")
-    t.add_argument("--img-size", type=data.Number(int, "[16, inf)"), default=256, help="square side the images are "
-                   "fitted to (black padding)")
-    t.add_argument("--width", type=data.POS_INT, default=16, help="U-Net channels at full resolution, doubled per "
-                   "level")
+    t.add_argument("--img-size", type=data.Number(int, "[16, inf)"), default=128, help="square side the images are "
+                   "fitted to (black padding); 256 measured no better (docs/segmentation.md) at 3x the time")
+    t.add_argument("--width", type=data.POS_INT, default=16, help="U-Net channels at full resolution, x2 per level")
     t.add_argument("--depth", type=data.POS_INT, default=4, help="U-Net levels below full resolution (2x2 max-pools)")
-    t.add_argument("--epochs", type=data.POS_INT, default=38, help="at 256 px with the defaults, 20 s per epoch (17.5 "
-                   "s of training, 1.35 s/step) on 2 CPU cores: 38 take 13 minutes")
+    t.add_argument("--epochs", type=data.POS_INT, default=38, help="at 128 px with the defaults, about 11 s per epoch "
+                   "on 2 CPU cores: 38 take 7 minutes")
     t.add_argument("--max-steps", type=data.NONNEG_INT, default=0, help="stop after this many steps (0: no limit); the "
                    "schedule still spans --epochs, so a stopped run resumes exactly")
     t.add_argument("--lr", type=data.POS, default=3e-3, help="AdamW peak lr, after a linear warm-up")
@@ -77,24 +74,22 @@ def get_args(argv=None):
     t.add_argument("--seed", type=data.SEED, default=0, help="the val split, the initial weights, the augmentation")
     t.add_argument("--rotate", type=data.Number(float, "[0, 180]"), default=7.0, help="augmentation: rotations up to "
                    "this many degrees")
-    t.add_argument("--scale", type=data.Number(float, "[0, 1)"), default=0.1, help="augmentation: zoom by 1 +- this")
+    t.add_argument("--scale", type=data.Number(float, "[0, 1)"), default=0.25, help="augmentation: zoom by 1 +- this")
     t.add_argument("--translate", type=data.Number(float, "[0, 1)"), default=0.05, help="augmentation: shifts up to "
                    "this fraction of the side")
     t.add_argument("--brightness", type=data.Number(float, "[0, 1]"), default=0.1, help="augmentation: add up to +- "
                    "this (pixels in [0, 1])")
-    t.add_argument("--contrast", type=data.Number(float, "[0, 1)"), default=0.2, help="augmentation: contrast times 1 "
-                   "+- this")
+    t.add_argument("--contrast", type=data.Number(float, "[0, 1)"), default=0.2, help="contrast scaled by 1 +- this")
     t.add_argument("--gamma", type=data.Number(float, "[0, 3]"), default=0.3, help="augmentation: pixels ** exp(+- "
                    "this), exposure")
-    t.add_argument("--equalize", action="store_true", help="histogram-equalise every image (train and predict): "
-                   "one contrast whatever the source")
-    t.add_argument("--opacity", type=data.Number(float, "[0, 1]"), default=0.0, help="augmentation: the share of "
+    t.add_argument("--equalize", action=argparse.BooleanOptionalAction, default=True, help="histogram-equalise every "
+                   "image (train and predict): one contrast whatever the source")
+    t.add_argument("--opacity", type=data.Number(float, "[0, 1]"), default=0.5, help="augmentation: the share of "
                    "training images given simulated opacities (opacify: blobs, a washed-out band or side, haze)")
-    t.add_argument("--opacity-kinds", default=",".join(OPACITIES), help="which opacities, comma-separated")
+    t.add_argument("--opacity-kinds", type=opacity_kinds, default=",".join(OPACITIES), help="which, comma-separated")
     t.add_argument("--hflip", action="store_true", help="mirror half the images; off by default: the heart "
                    "has a side, and so does every radiograph a hospital sends")
-    t.add_argument("--save-every", type=data.NONNEG, default=10, help="minutes between checkpoints within an epoch "
-                   "(and one at every epoch's end)")
+    t.add_argument("--save-every", type=data.NONNEG, default=10, help="minutes between checkpoints (and every epoch)")
     data.add_data_args(t)
     q = modes.add_parser("predict", parents=[common], formatter_class=raw, help="write a mask for every "
                          "image of a folder", description="Predict masks; see segment.py --help.")
@@ -104,27 +99,26 @@ def get_args(argv=None):
     q.add_argument("--window-percentile", type=data.Number(float, "[0, 50)"), default=0.5, help="DICOMs without a "
                    "window: from this percentile to 100 minus it (as data.py)")
     q.add_argument("--skip-bad", action="store_true", help="list unreadable files and go on")
-    q.add_argument("--threshold", type=data.Number(float, "[0, 1]"), default=0.5, help="probability above which a "
-                   "pixel is lung")
-    q.add_argument("--components", type=data.POS_INT, default=2, help="largest connected components kept (the two "
-                   "lungs)")
+    q.add_argument("--threshold", type=data.Number(float, "[0, 1]"), default=0.5, help="lung above this probability")
+    q.add_argument("--components", type=data.POS_INT, default=2, help="largest components kept (the two lungs)")
     q.add_argument("--min-area", type=data.Number(float, "[0, 1]"), default=0.08, help="flag masks below this fraction "
                    "of the image (OpenIST's true masks: 0.15 to 0.46)")
-    q.add_argument("--max-area", type=data.Number(float, "(0, 1]"), default=0.6, help="flag masks above this fraction "
-                   "of the image")
+    q.add_argument("--max-area", type=data.Number(float, "(0, 1]"), default=0.6, help="flag masks above this share")
     q.add_argument("--min-ratio", type=data.Number(float, "[0, 1]"), default=0.35, help="flag when the smaller lung is "
                    "under this fraction of the larger, or missing (OpenIST: 0.71 or more)")
     q.add_argument("--min-confidence", type=data.Number(float, "[0, 1]"), default=0.85, help="flag when the mean "
                    "probability inside the mask is lower")
     q.add_argument("--tta", type=data.Number(int, "[0, 6]"), default=4, help="views of each image, zoomed or shifted a "
                    "little, whose masks the doubt score compares with the mask predicted (0: no doubt score)")
-    q.add_argument("--max-doubt", type=data.Number(float, "[0, 1]"), default=0.05, help="flag masks whose doubt (1 - "
+    q.add_argument("--max-doubt", type=data.Number(float, "[0, 1]"), default=0.03, help="flag masks whose doubt (1 - "
                    "Dice between the mask and the views' masks, on average) exceeds this")
-    q.add_argument("--min-solidity", type=data.Number(float, "[0, 1]"), default=0.85, help="flag masks that fill "
+    q.add_argument("--min-solidity", type=data.Number(float, "[0, 1]"), default=0.8, help="flag masks that fill "
                    "less than this of their lungs' convex hulls (ragged: stopped at an opacity)")
-    q.add_argument("--hull", action="store_true", help="fill each lung to its convex hull: behind the heart and into "
-                   "the costophrenic angles, the whole lung a radiologist would draw (see docs/segmentation.md)")
+    q.add_argument("--hull", action="store_true", help="fill each lung to its convex hull: the heart's notch and the "
+                   "costophrenic angles, toward the whole lung (part of the way: docs/segmentation.md)")
     q.add_argument("--grid", type=data.NONNEG_INT, default=16, help="images in overlay.png (flagged ones first)")
+    q.add_argument("--labels", default=None, help="a CSV of id,label (a finding, a source): masks.csv gains the label, "
+                   "and with --reference dice.csv the Dice of each label's masks")
     q.add_argument("--reference", default=None, help="a folder of known <id>.png masks: Dice and IoU of each "
                    "predicted mask at the image's own size in masks.csv, their summary, and worst.png (the five "
                    "lowest Dice, the reference outlined in blue)")
@@ -326,11 +320,19 @@ def augment(x, m, args, mean, std):
     mu = img.mean((2, 3), keepdim=True)
     img = ((img - mu) * (1 + u(args.contrast)).view(B, 1, 1, 1) + mu + u(args.brightness).view(B, 1, 1, 1)).clamp(0, 1)
     if args.opacity:
-        img = opacify(img, mask, args.opacity, args.opacity_kinds.split(","), within=both[:, 2:] > 0.5)
+        img = opacify(img, mask, args.opacity, args.opacity_kinds, within=both[:, 2:] > 0.5)
     return data.normalize(img, mean, std), mask
 
 
 OPACITIES = ("blobs", "band", "side", "haze")
+
+
+def opacity_kinds(text):
+    """--opacity-kinds: a comma-separated list of OPACITIES."""
+    kinds = [k for k in text.split(",") if k]
+    if not kinds or set(kinds) - set(OPACITIES):
+        raise argparse.ArgumentTypeError(f"{text!r}: choose one or more of {','.join(OPACITIES)}")
+    return kinds
 
 
 def opacify(img, mask, p, kinds=OPACITIES, within=None, grid=64):
@@ -356,7 +358,8 @@ def opacify(img, mask, p, kinds=OPACITIES, within=None, grid=64):
     blobs = (amp[..., None, None] * torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * sigma ** 2))).sum(1)
     soft = (0.01 + 0.06 * r(B))[:, None, None]
     band = torch.sigmoid((yy - (0.4 + 0.5 * r(B))[:, None, None]) / soft)
-    side = torch.sigmoid((xx - (0.4 + 0.2 * r(B))[:, None, None]) / soft * torch.where(r(B) < 0.5, -1, 1)[:, None, None])
+    edge, sign = (0.4 + 0.2 * r(B))[:, None, None], torch.where(r(B) < 0.5, -1, 1)[:, None, None]   # left or right
+    side = torch.sigmoid((xx - edge) / soft * sign)
     haze = (0.2 + 0.4 * r(B))[:, None, None].expand(-1, grid, grid)
     maps = dict(blobs=blobs, band=band, side=side, haze=haze)
     stack = torch.stack([maps[k] for k in kinds], 1)                                 # (B, kinds, g, g)
@@ -565,8 +568,8 @@ def warp(x, zoom, dx, dy, back=False):
 
 
 def convex_hulls(mask):
-    """Every component of a bool (H, W) mask filled to its convex hull (--hull): a lung then reaches behind the
-    heart's shadow and into the costophrenic angles, roughly as radiologists who draw the whole lung do."""
+    """Every component of a bool (H, W) mask filled to its convex hull (--hull): a lung then fills the heart's notch
+    and the costophrenic angles, part of the way to the whole lung that some radiologists draw."""
     def half(points):                                    # Andrew's monotone chain: one side of the hull
         h = []
         for p in points:
@@ -677,6 +680,10 @@ def predict(args):
         files, ids, _ = data.list_xrays(args.data_dir, cache_dir=out_dir)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
+    try:
+        labels = data.read_label_csv(args.labels, "id", "label", "split") if args.labels else None
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
     output_dir(out_dir)
     print(f"{len(files)} images under {args.data_dir} -> {out_dir} | U-Net {ckpt['unet_config']} at {size}px | "
           f"{device} {precision}")
@@ -715,6 +722,8 @@ def predict(args):
                 Image.fromarray(mask.astype(np.uint8) * 255).save(os.path.join(out_dir, ids[k] + ".png"))
                 row = dict(id=ids[k], file=os.path.relpath(files[k], args.data_dir), height=img.shape[0],
                            width=img.shape[1], **judge(mask, prob, doubt, args))
+                if labels is not None:
+                    row["label"] = labels.get(ids[k], ("",))[0]
                 ref = reference_mask(args.reference, ids[k], img.shape)
                 if ref is not None:
                     dice, iou = dice_iou(torch.from_numpy(mask)[None], torch.from_numpy(ref)[None])
@@ -728,10 +737,9 @@ def predict(args):
 
     # ---- report: masks.csv, overlay.png, and the flagged images by name
     with open(os.path.join(out_dir, "masks.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["id", "file", "height", "width", "lung_fraction", "confidence",
-                                          "components", "doubt", "solidity", "flag"] + (["dice", "iou"] if args.reference
-                                                                                        else []),
-                           restval="")
+        columns = ["id", "file", "height", "width", "lung_fraction", "confidence", "components", "doubt", "solidity",
+                   "flag"] + (["label"] if labels is not None else []) + (["dice", "iou"] if args.reference else [])
+        w = csv.DictWriter(f, fieldnames=columns, restval="")
         w.writeheader()
         w.writerows(rows)
     name = "overlay"
@@ -764,6 +772,16 @@ def predict(args):
         for k, tile in enumerate(worst):
             strip.paste(tile, (k * 257, 0))
         strip.save(os.path.join(out_dir, "_worst.png" if "worst" in ids else "worst.png"))
+        groups = {"all": scored}
+        for r in scored if labels is not None else []:
+            groups.setdefault(r["label"], []).append(r)
+        with open(os.path.join(out_dir, "dice.csv"), "w", newline="") as f:   # per label: a finding, a source
+            w = csv.writer(f)
+            w.writerow(["label", "images", "dice_mean", "dice_p10", "dice_min", "flagged"])
+            for g, rs in groups.items():
+                d = np.array([r["dice"] for r in rs])
+                w.writerow([g, len(d), round(d.mean(), 4), round(np.quantile(d, 0.1), 4), round(d.min(), 4),
+                            sum(bool(r["flag"]) for r in rs)])
     if flagged:
         print(f"{len(flagged)} flagged (written anyway; look at them before using them):")
         for r in flagged[:30]:

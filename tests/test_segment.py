@@ -136,8 +136,8 @@ def test_judge_flags_one_lung_and_areas():
     assert segment.judge(two, prob, 0.01, args) == dict(lung_fraction=0.48, confidence=0.95, components=2,
                                                           doubt=0.01, solidity=1.0, flag="")
     ragged = two.copy()
-    ragged[6:14, 2:6] = False                          # a bite out of the left lung: 32 of its hull's 96 pixels
-    assert segment.judge(ragged, prob, 0.0, args)["solidity"] == round((192 - 32) / 192, 4) and \
+    ragged[5:15, 2:7] = False                          # a bite out of the left lung: 50 of its hull's 96 pixels
+    assert segment.judge(ragged, prob, 0.0, args)["solidity"] == round((192 - 50) / 192, 4) and \
         segment.judge(ragged, prob, 0.0, args)["flag"] == "ragged"
     assert segment.judge(two, prob, args.max_doubt + 0.01, args)["flag"] == "doubtful"
     one = two.copy()
@@ -185,6 +185,40 @@ def test_augment_moves_image_and_mask_together():
     assert inside > 0.5                                # ... and the bright square still under its mask
 
 
+def test_opacify_brightens_inside_the_body_only_and_each_kind_where_it_says():
+    img = torch.full((8, 1, 32, 32), 0.2)
+    within = torch.zeros_like(img, dtype=torch.bool)
+    within[..., 4:28, 4:28] = True                             # the body; the rest is padding
+    mask = torch.zeros_like(img)
+    mask[..., 8:24, 6:14] = mask[..., 8:24, 18:26] = 1
+    torch.manual_seed(0)
+    assert torch.equal(segment.opacify(img, mask, 0.0, within=within), img)            # p = 0: untouched
+    out = segment.opacify(img, mask, 1.0, within=within)
+    assert torch.equal(out[~within], img[~within])             # the padding stays as it was
+    assert (out >= img - 1e-6).all() and out.max() <= 1        # toward a brighter level, never past white
+    assert ((out - img).flatten(1).amax(1) > 0.05).all()        # p = 1: every image opacified
+    band = segment.opacify(img, mask, 1.0, ("band",), within=within) - img
+    assert band[..., 24:28, :].mean() > 2 * band[..., 4:8, :].mean()                    # the chest's lower part
+    side = segment.opacify(img, mask, 1.0, ("side",), within=within) - img
+    assert ((side[..., 4:10].mean((1, 2, 3)) - side[..., 22:28].mean((1, 2, 3))).abs() > 0.05).all()  # one side
+    torch.manual_seed(1)
+    a = segment.opacify(img, mask, 0.5)
+    torch.manual_seed(1)
+    assert torch.equal(a, segment.opacify(img, mask, 0.5))     # the seed decides: a run resumes exactly
+
+
+def test_equalize_spreads_each_image_over_the_range_and_keeps_the_padding_black():
+    x = torch.zeros(2, 1, 16, 16, dtype=torch.uint8)
+    x[0, 0, 2:14, 2:14] = (torch.arange(144).view(12, 12) // 4 + 125).to(torch.uint8)    # a dull image: 125..160
+    x[1, 0, 2:14, 2:14] = (torch.arange(144).view(12, 12) + 50).to(torch.uint8)
+    y = segment.equalize(x)
+    assert (y[x == 0] == 0).all()
+    for i in range(2):
+        v, order = y[i][x[i] > 0], x[i][x[i] > 0].argsort(stable=True)
+        assert v.max() == 255 and v.min() < 20                 # the whole range, whatever the input's
+        assert (v[order].diff() >= 0).all()                    # brighter stays brighter
+
+
 def test_train_writes_checkpoints_and_log(cxr):
     run = cxr["run"]
     assert {"ckpt.pt", "best.pt", "log.jsonl", "args.json"} <= set(os.listdir(run))
@@ -193,6 +227,7 @@ def test_train_writes_checkpoints_and_log(cxr):
     assert all(0 <= r["dice_p10"] <= r["dice"] <= 1 and 0 <= r["iou"] <= 1 for r in rows)
     ckpt = torch.load(run / "best.pt", weights_only=True)   # a plain dict: no pickled objects
     assert ckpt["unet_config"] == dict(in_chans=1, width=4, depth=2) and ckpt["data"]["img_size"] == 32
+    assert ckpt["data"]["equalize"] and ckpt["args"]["opacity"] == 0.5   # the defaults; predict equalises too
     assert ckpt["args"]["mode"] == "train" and ckpt["best"] == max(r["dice"] for r in rows)
     assert len(ckpt["val_ids"]) in (3, 4)             # 4 when the twins cross the count together
     net = segment.UNet(**ckpt["unet_config"])
@@ -249,6 +284,27 @@ def test_predict_masks_read_back_by_data_py(cxr, tmp_path):
 
 # ----------------------------------------------------------------------------- bad input: one line, naming the file
 
+def test_predict_with_labels_and_reference_writes_dice_per_label(cxr, tmp_path):
+    """--labels groups the Dice against --reference per label in dice.csv (a finding, a source): each group's numbers
+    are those of its masks.csv rows, and "all" is every scored mask."""
+    with open(tmp_path / "labels.csv", "w") as f:
+        f.write("id,label\n" + "".join(f"im{k:02d},{'sick' if k % 3 == 0 else 'clean'}\n" for k in range(14)))
+    out = tmp_path / "masks"
+    segment.main(segment.get_args(["predict", "--checkpoint", str(cxr["run"] / "best.pt"), "--data-dir", cxr["png"],
+                                   "--output-dir", str(out), "--device", "cpu", "--reference", cxr["masks"],
+                                   "--labels", str(tmp_path / "labels.csv")]))
+    rows = list(csv.DictReader(open(out / "masks.csv")))
+    assert {r["id"]: r["label"] for r in rows} == {f"im{k:02d}": "sick" if k % 3 == 0 else "clean" for k in range(14)}
+    groups = {r["label"]: r for r in csv.DictReader(open(out / "dice.csv"))}
+    assert set(groups) == {"all", "sick", "clean"} and int(groups["all"]["images"]) == 14
+    for g in ("sick", "clean"):
+        dice = [float(r["dice"]) for r in rows if r["label"] == g]
+        assert int(groups[g]["images"]) == len(dice) == (5 if g == "sick" else 9)
+        assert float(groups[g]["dice_mean"]) == pytest.approx(np.mean(dice), abs=1e-4)
+        assert float(groups[g]["dice_min"]) == pytest.approx(min(dice), abs=1e-4)
+        assert int(groups[g]["flagged"]) == sum(bool(r["flag"]) for r in rows if r["label"] == g)
+
+
 def test_bad_input_names_the_file(cxr, tmp_path):
     d = tmp_path
     os.makedirs(d / "imgs"), os.makedirs(d / "masks"), os.makedirs(d / "empty")
@@ -272,6 +328,9 @@ def test_bad_input_names_the_file(cxr, tmp_path):
                                                         str(d / "out")] + list(a)))
     with pytest.raises(SystemExit, match=r"error: no \.dcm .*empty"):
         predict("--checkpoint", str(cxr["run"] / "best.pt"), "--data-dir", str(d / "empty"))
+    with pytest.raises(SystemExit, match=r"error: --labels .*nolabels\.csv: no such file"):
+        predict("--checkpoint", str(cxr["run"] / "best.pt"), "--data-dir", str(d / "imgs"), "--labels",
+                str(d / "nolabels.csv"))
     (d / "notckpt.pt").write_text("not a checkpoint\n")
     with pytest.raises(SystemExit, match=r"error: .*notckpt\.pt is not a readable"):
         predict("--checkpoint", str(d / "notckpt.pt"), "--data-dir", str(d / "imgs"))
