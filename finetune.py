@@ -116,8 +116,15 @@ def setup(args):
     return device, rank, world, *autocast(args.precision, device)
 
 
-def resume(raw_model, opt, path, explicit):
-    """Load a checkpoint into the model and the optimiser: (step, best so far), (0, none) without one."""
+# flags a resumed run may change: where and how fast it runs, not what it learns (a folder or a checkpoint has many
+# names; what is in it is the user's to keep, and the encoder's weights are in ckpt.pt by now)
+RESUME_FREE = {"output_dir", "resume", "device", "precision", "num_workers", "save_every", "max_steps", "compile",
+               "cache_dir", "download", "data_dir", "masks", "skip_bad", "checkpoint"}
+
+
+def resume(raw_model, opt, path, explicit, args):
+    """Load a checkpoint into the model and the optimiser: (step, best so far), (0, none) without one. One written
+    with other settings stops the run (a changed flag, or a default changed since): continuing would mix two."""
     if not os.path.exists(path):
         if explicit:
             raise SystemExit(f"error: --resume {path}: no such file")
@@ -129,6 +136,10 @@ def resume(raw_model, opt, path, explicit):
     except (ValueError, RuntimeError, KeyError) as e:
         raise SystemExit(f"error: cannot resume from {path} ({str(e).splitlines()[0]}); delete it to start over, or "
                          f"choose another --output-dir")
+    saved, now = ckpt.get("args", {}), vars(args)
+    if diff := {k: (saved[k], now[k]) for k in saved.keys() & now.keys() - RESUME_FREE if saved[k] != now[k]}:
+        raise SystemExit(f"error: {path} was trained with other settings ({diff}: saved, now); rerun with the saved "
+                         f"ones to resume it, or choose another --output-dir")
     print(f"resumed from {path} at step {ckpt['step']}")
     return ckpt["step"], ckpt["best"]
 
@@ -257,7 +268,7 @@ def main(args):
         f"{args.layer_decay} | {steps_per_epoch} steps/epoch x {args.epochs} epochs")
 
     # ---- resume
-    step, best = resume(raw_model, opt, args.resume or os.path.join(out_dir, "ckpt.pt"), args.resume)
+    step, best = resume(raw_model, opt, args.resume or os.path.join(out_dir, "ckpt.pt"), args.resume, args)
     if master:
         with open(os.path.join(out_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)

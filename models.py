@@ -675,7 +675,7 @@ def resolve_device(name):
 
 
 def output_dir(path):
-    """--output-dir made and checked writable before any work starts: a file in its place, a read-only disk, one line."""
+    """--output-dir made and checked writable before any work: a file in its place, a read-only disk, one line."""
     try:
         os.makedirs(path, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()

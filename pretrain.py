@@ -174,8 +174,16 @@ def setup(args):
     return device, rank, world, *autocast(args.precision, device)
 
 
-def resume(raw_model, opt, path, explicit, say):
-    """Load a checkpoint into the model and the optimiser; the step to continue from (0: none yet)."""
+# flags a resumed run may change: where, how fast and how often it reports, not what it learns (a folder has many
+# names; what is in it is the user's to keep)
+RESUME_FREE = {"output_dir", "resume", "device", "precision", "num_workers", "save_every", "max_steps", "log_every",
+               "knn_every", "knn_samples", "vis_every", "compile", "cache_dir", "download", "data_dir", "masks",
+               "skip_bad"}
+
+
+def resume(raw_model, opt, path, explicit, say, args):
+    """Load a checkpoint into the model and the optimiser; the step to continue from (0: none yet). One written
+    with other settings stops the run (a changed flag, or a default changed since): continuing would mix two."""
     if not os.path.exists(path):
         if explicit:
             raise SystemExit(f"error: --resume {path}: no such file")
@@ -190,6 +198,10 @@ def resume(raw_model, opt, path, explicit, say):
     except (RuntimeError, KeyError, ValueError) as e:
         raise SystemExit(f"error: {path} was written by another configuration ({str(e).splitlines()[0]}); "
                          f"choose a new --output-dir")
+    saved, now = ckpt.get("args", {}), vars(args)
+    if diff := {k: (saved[k], now[k]) for k in saved.keys() & now.keys() - RESUME_FREE if saved[k] != now[k]}:
+        raise SystemExit(f"error: {path} was trained with other settings ({diff}: saved, now); rerun with the saved "
+                         f"ones to resume it, or choose another --output-dir")
     say(f"resumed from {path} at step {ckpt['step']}")
     return ckpt["step"]
 
@@ -354,7 +366,7 @@ def main(args):
         f"{steps_per_epoch} steps/epoch x {args.epochs} epochs = {total_steps} steps, warm-up {warmup_steps}")
 
     # ---- resume: everything needed to continue exactly (randomness is seeded per step)
-    step = resume(raw_model, opt, args.resume or os.path.join(out_dir, "ckpt.pt"), args.resume, say)
+    step = resume(raw_model, opt, args.resume or os.path.join(out_dir, "ckpt.pt"), args.resume, say, args)
     if master:
         with open(os.path.join(out_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)

@@ -16,7 +16,8 @@ writes to --output-dir: ckpt.pt (the latest state; rerunning the command resumes
 (the best val Dice), args.json and log.jsonl (loss, lr, val Dice and IoU: mean and 10th percentile).
 
 predict writes to --output-dir one <id>.png per image (0 or 255, at the image's own size, exactly
-what --masks reads), masks.csv (id, lung fraction, confidence, components kept, doubt, solidity, flag)
+what --masks reads), masks.csv (id, lung fraction, confidence, components kept, doubt, solidity, flag;
+with --labels the label, with --reference the Dice, worst.png and dice.csv: its summary per label)
 and overlay.png (the flagged images first); a flagged mask is written too, and listed: you decide.
 """
 import argparse
@@ -50,18 +51,17 @@ def get_args(argv=None):
     common.add_argument("--batch-size", type=data.POS_INT, default=16, help="images per step (per forward in predict)")
     common.add_argument("--num-workers", type=data.NONNEG_INT, default=4, help="threads decoding images")
     raw = argparse.RawDescriptionHelpFormatter
-    t = modes.add_parser("train", parents=[common], formatter_class=raw, help="fit a U-Net to image + "
-                         "mask pairs", description="Train the U-Net (see segment.py --help). Of the X-ray flags, "
-                         "--labels, --classes, --split-*, --variant and --channels do not apply: images and masks "
-                         "only.")
+    t = modes.add_parser("train", parents=[common], formatter_class=raw, help="fit a U-Net to image + mask pairs",
+                         description="Train the U-Net (see segment.py --help). Of the X-ray flags, --labels, "
+                         "--classes, --split-*, --variant and --channels do not apply: images and masks only.")
     t.add_argument("--output-dir", default="runs/segment", help="ckpt.pt, best.pt, log.jsonl, args.json")
     t.add_argument("--resume", default="", help="checkpoint to resume from (default: <output-dir>/ckpt.pt if present)")
     t.add_argument("--img-size", type=data.Number(int, "[16, inf)"), default=128, help="square side the images are "
-                   "fitted to (black padding); 256 measured no better (docs/segmentation.md) at 3x the time")
+                   "fitted to (black padding); 256 measured no better (docs/segmentation.md) at 5x the time")
     t.add_argument("--width", type=data.POS_INT, default=16, help="U-Net channels at full resolution, x2 per level")
     t.add_argument("--depth", type=data.POS_INT, default=4, help="U-Net levels below full resolution (2x2 max-pools)")
     t.add_argument("--epochs", type=data.POS_INT, default=38, help="at 128 px with the defaults, about 11 s per epoch "
-                   "on 2 CPU cores: 38 take 7 minutes")
+                   "on 2 CPU cores in fp32: 38 take 7 minutes")
     t.add_argument("--max-steps", type=data.NONNEG_INT, default=0, help="stop after this many steps (0: no limit); the "
                    "schedule still spans --epochs, so a stopped run resumes exactly")
     t.add_argument("--lr", type=data.POS, default=3e-3, help="AdamW peak lr, after a linear warm-up")
@@ -72,16 +72,12 @@ def get_args(argv=None):
     t.add_argument("--val-count", type=data.POS_INT, default=None, help="radiographs held out for validation "
                    "(default: 20%%; 55 of OpenIST's 275)")
     t.add_argument("--seed", type=data.SEED, default=0, help="the val split, the initial weights, the augmentation")
-    t.add_argument("--rotate", type=data.Number(float, "[0, 180]"), default=7.0, help="augmentation: rotations up to "
-                   "this many degrees")
+    t.add_argument("--rotate", type=data.Number(float, "[0, 180]"), default=7.0, help="rotation up to +- this, degrees")
     t.add_argument("--scale", type=data.Number(float, "[0, 1)"), default=0.25, help="augmentation: zoom by 1 +- this")
-    t.add_argument("--translate", type=data.Number(float, "[0, 1)"), default=0.05, help="augmentation: shifts up to "
-                   "this fraction of the side")
-    t.add_argument("--brightness", type=data.Number(float, "[0, 1]"), default=0.1, help="augmentation: add up to +- "
-                   "this (pixels in [0, 1])")
+    t.add_argument("--translate", type=data.Number(float, "[0, 1)"), default=0.05, help="shift, share of the side")
+    t.add_argument("--brightness", type=data.Number(float, "[0, 1]"), default=0.1, help="add up to +- this to pixels")
     t.add_argument("--contrast", type=data.Number(float, "[0, 1)"), default=0.2, help="contrast scaled by 1 +- this")
-    t.add_argument("--gamma", type=data.Number(float, "[0, 3]"), default=0.3, help="augmentation: pixels ** exp(+- "
-                   "this), exposure")
+    t.add_argument("--gamma", type=data.Number(float, "[0, 3]"), default=0.3, help="exposure: pixels ** exp(+- this)")
     t.add_argument("--equalize", action=argparse.BooleanOptionalAction, default=True, help="histogram-equalise every "
                    "image (train and predict): one contrast whatever the source")
     t.add_argument("--opacity", type=data.Number(float, "[0, 1]"), default=0.5, help="augmentation: the share of "
@@ -111,17 +107,18 @@ def get_args(argv=None):
     q.add_argument("--tta", type=data.Number(int, "[0, 6]"), default=4, help="views of each image, zoomed or shifted a "
                    "little, whose masks the doubt score compares with the mask predicted (0: no doubt score)")
     q.add_argument("--max-doubt", type=data.Number(float, "[0, 1]"), default=0.03, help="flag masks whose doubt (1 - "
-                   "Dice between the mask and the views' masks, on average) exceeds this")
+                   "mean Dice of the mask and the views' masks) exceeds this")
     q.add_argument("--min-solidity", type=data.Number(float, "[0, 1]"), default=0.8, help="flag masks that fill "
                    "less than this of their lungs' convex hulls (ragged: stopped at an opacity)")
     q.add_argument("--hull", action="store_true", help="fill each lung to its convex hull: the heart's notch and the "
-                   "costophrenic angles, toward the whole lung (part of the way: docs/segmentation.md)")
+                   "costophrenic angles, toward the whole lung (docs/segmentation.md); masks.csv judges it before")
     q.add_argument("--grid", type=data.NONNEG_INT, default=16, help="images in overlay.png (flagged ones first)")
     q.add_argument("--labels", default=None, help="a CSV of id,label (a finding, a source): masks.csv gains the label, "
                    "and with --reference dice.csv the Dice of each label's masks")
-    q.add_argument("--reference", default=None, help="a folder of known <id>.png masks: Dice and IoU of each "
-                   "predicted mask at the image's own size in masks.csv, their summary, and worst.png (the five "
-                   "lowest Dice, the reference outlined in blue)")
+    q.add_argument("--id-column", default="id", help="--labels' column naming the image (its file name, no extension)")
+    q.add_argument("--label-column", default="label", help="--labels' column with the label")
+    q.add_argument("--reference", default=None, help="a folder of known <id>.png masks: each mask's Dice and IoU in "
+                   "masks.csv, their summary in dice.csv, and worst.png (the five lowest, the reference in blue)")
     data.finish_parser(p)
     args = p.parse_args(argv)
     if args.mode == "train":
@@ -153,11 +150,10 @@ class ConvBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """U-Net (Ronneberger et al. 2015), small: `depth` 2x2 max-pools, channels width * 2**level,
-    transposed-convolution upsampling, skip connections by concatenation. (B, in_chans, H, W) ->
-    (B, 1, H, W) logits for any H, W: the input is padded (replicating the edge) to a multiple of
-    2**depth and the output cropped back. width=16, depth=4: 1.9M parameters, 3.0 GMACs per
-    256x256 image (width 8: 0.5M, 0.76 GMACs)."""
+    """U-Net (Ronneberger et al. 2015), small: `depth` 2x2 max-pools, channels width * 2**level, transposed-
+    convolution upsampling, skip connections by concatenation. (B, in_chans, H, W) -> (B, 1, H, W) logits for any
+    H, W: the input is padded (replicating the edge) to a multiple of 2**depth and the output cropped back.
+    width=16, depth=4: 1.9M parameters, 3.0 GMACs per 256x256 image (width 8: 0.5M, 0.76 GMACs)."""
 
     def __init__(self, *, in_chans=1, width=16, depth=4):
         super().__init__()
@@ -214,13 +210,10 @@ def dice_iou(pred, true):
 
 
 def label_components(mask, connectivity=8):
-    """Connected components of a binary (H, W) array (numpy or a CPU tensor): (labels (H, W) int32,
-    0 = background and 1..n largest first, areas (n,) int64 in that order).
-
-    By runs: every row's runs of foreground pixels are the nodes, runs in adjacent rows that
-    touch (overlap, or meet at a corner with connectivity 8) are joined in a union-find. A lung
-    mask has about two runs per row: about 1 ms for 256 x 256 (20 ms for 256 x 256 random noise),
-    without scipy."""
+    """Connected components of a binary (H, W) array (numpy or a CPU tensor): (labels (H, W) int32, 0 = background
+    and 1..n largest first, areas (n,) int64 in that order). By runs: every row's runs of foreground pixels are the
+    nodes, runs in adjacent rows that touch (overlap, or meet at a corner with connectivity 8) are joined in a
+    union-find. A lung mask has about two runs per row: about 1 ms for 256 x 256 (20 ms for noise), without scipy."""
     m = np.asarray(mask).astype(bool)
     H, W = m.shape
     d = np.diff(np.pad(m, ((0, 0), (1, 1))).astype(np.int8), axis=1)
@@ -410,8 +403,9 @@ def evaluate(model, x, m, mean, std, device, amp, batch_size):
                 iou_p10=q[1].item(), dice_raw=raw.mean().item())
 
 
-def resume(raw_model, opt, path, explicit):
-    """Load model and optimiser from a checkpoint: (step, best val Dice), (0, -1) when there is none."""
+def resume(raw_model, opt, path, explicit, args):
+    """Load model and optimiser from a checkpoint: (step, best val Dice), (0, -1) without one. One trained with other
+    settings (a changed flag, or default since) stops the run: continuing it would mix two trainings."""
     if not os.path.exists(path):
         if explicit:
             raise SystemExit(f"error: --resume {path}: no such file")
@@ -423,6 +417,12 @@ def resume(raw_model, opt, path, explicit):
     except (ValueError, RuntimeError, KeyError) as e:
         raise SystemExit(f"error: {path} cannot be resumed ({str(e).splitlines()[0]}); delete it or choose another "
                          f"--output-dir")
+    saved, now = ckpt.get("args", {}), vars(args)    # free: where and how fast it runs; a folder has many names
+    free = {"output_dir", "resume", "device", "precision", "num_workers", "save_every", "max_steps", "cache_dir",
+            "skip_bad", "data_dir", "masks"}
+    if diff := {k: (saved[k], now[k]) for k in saved.keys() & now.keys() - free if saved[k] != now[k]}:
+        raise SystemExit(f"error: {path} was trained with other settings ({diff}: saved, now); rerun with the saved "
+                         f"ones to resume it, or choose another --output-dir")
     print(f"resumed from {path} at step {ckpt['step']}")
     return ckpt["step"], ckpt.get("best", -1.0)
 
@@ -469,14 +469,13 @@ def train(args):
           f"{total_steps} steps, warm-up {warmup_steps}")
 
     # ---- resume
-    step, best = resume(raw_model, opt, args.resume or os.path.join(out_dir, "ckpt.pt"), args.resume)
+    step, best = resume(raw_model, opt, args.resume or os.path.join(out_dir, "ckpt.pt"), args.resume, args)
     with open(os.path.join(out_dir, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=1)
     state = lambda: dict(model=raw_model.state_dict(), opt=opt.state_dict(), step=step, epoch=step // steps_per_epoch,
                          args=vars(args), unet_config=raw_model.config(), best=best,
                          data=dict(img_size=args.img_size, mean=list(mean), std=list(std), keep_aspect=args.keep_aspect,
-                                   equalize=args.equalize,
-                                   window_percentile=args.window_percentile),
+                                   equalize=args.equalize, window_percentile=args.window_percentile),
                          val_ids=[ds.ids[i] for i in va])
 
     # ---- loop
@@ -665,9 +664,8 @@ def predict(args):
         raise SystemExit(f"error: {e}")
     if "unet_config" not in ckpt:
         raise SystemExit(f"error: {args.checkpoint} is not a segment.py checkpoint (no unet_config)")
-    model = UNet(**ckpt["unet_config"])
+    model = UNet(**ckpt["unet_config"]).to(device).eval()
     model.load_state_dict(ckpt["model"])                     # strict: a mismatch fails loudly
-    model = model.to(device).eval()
     d = ckpt["data"]
     size, keep_aspect = d["img_size"], d["keep_aspect"]      # the geometry the U-Net learnt
     out_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
@@ -678,11 +676,8 @@ def predict(args):
     # ---- data: every radiograph under --data-dir (not the output folder, should it lie inside)
     try:   # list_xrays leaves its cache_dir out of the search; here that is the masks we write
         files, ids, _ = data.list_xrays(args.data_dir, cache_dir=out_dir)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
-    try:
-        labels = data.read_label_csv(args.labels, "id", "label", "split") if args.labels else None
-    except (FileNotFoundError, ValueError) as e:
+        labels = data.read_label_csv(args.labels, args.id_column, args.label_column, None) if args.labels else None
+    except (OSError, ValueError, csv.Error) as e:
         raise SystemExit(f"error: {e}")
     output_dir(out_dir)
     print(f"{len(files)} images under {args.data_dir} -> {out_dir} | U-Net {ckpt['unet_config']} at {size}px | "
@@ -713,15 +708,16 @@ def predict(args):
             with amp:                                    # the image, then the same image zoomed and shifted
                 probs = torch.sigmoid(model(torch.cat([x] + [warp(x, *v) for v in VIEWS[:args.tta]])).float())
             probs = probs.split(len(x))
-            seen = [dice_iou(probs[0] > 0.5, warp(p, *v, back=True) > 0.5)[0] for p, v in zip(probs[1:], VIEWS)]
+            t = args.threshold
+            seen = [dice_iou(probs[0] > t, warp(p, *v, back=True) > t)[0] for p, v in zip(probs[1:], VIEWS)]
             doubts = 1 - torch.stack(seen).mean(0) if seen else torch.zeros(len(x))
             for img, k, prob, doubt in zip(imgs, keep, probs[0][:, 0].cpu(), doubts.tolist()):
                 prob = unfit_square(prob, *img.shape, keep_aspect).numpy()
                 mask = postprocess(prob > args.threshold, args.components)
+                row = dict(id=ids[k], file=os.path.relpath(files[k], args.data_dir), height=img.shape[0],
+                           width=img.shape[1], **judge(mask, prob, doubt, args))     # the network's mask, unhulled
                 mask = convex_hulls(mask) if args.hull else mask
                 Image.fromarray(mask.astype(np.uint8) * 255).save(os.path.join(out_dir, ids[k] + ".png"))
-                row = dict(id=ids[k], file=os.path.relpath(files[k], args.data_dir), height=img.shape[0],
-                           width=img.shape[1], **judge(mask, prob, doubt, args))
                 if labels is not None:
                     row["label"] = labels.get(ids[k], ("",))[0]
                 ref = reference_mask(args.reference, ids[k], img.shape)
@@ -772,16 +768,20 @@ def predict(args):
         for k, tile in enumerate(worst):
             strip.paste(tile, (k * 257, 0))
         strip.save(os.path.join(out_dir, "_worst.png" if "worst" in ids else "worst.png"))
-        groups = {"all": scored}
+        groups = {}
         for r in scored if labels is not None else []:
-            groups.setdefault(r["label"], []).append(r)
+            groups.setdefault(r["label"] or "(no label)", []).append(r)
         with open(os.path.join(out_dir, "dice.csv"), "w", newline="") as f:   # per label: a finding, a source
             w = csv.writer(f)
             w.writerow(["label", "images", "dice_mean", "dice_p10", "dice_min", "flagged"])
-            for g, rs in groups.items():
+            for g, rs in [("all", scored)] + sorted(groups.items()):
                 d = np.array([r["dice"] for r in rs])
                 w.writerow([g, len(d), round(d.mean(), 4), round(np.quantile(d, 0.1), 4), round(d.min(), 4),
                             sum(bool(r["flag"]) for r in rs)])
+    elif args.reference:
+        print(f"no mask in --reference {args.reference} is named as an image here (<id>.png): no Dice, no dice.csv")
+    if labels is not None and (missing := sum(not r["label"] for r in rows)):
+        print(f"{missing} of {len(rows)} images have no row in --labels {args.labels}: their label is left empty")
     if flagged:
         print(f"{len(flagged)} flagged (written anyway; look at them before using them):")
         for r in flagged[:30]:

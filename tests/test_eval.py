@@ -94,6 +94,8 @@ def test_finetune_from_a_checkpoint_with_the_full_recipe_and_resume(tmp_path, ck
     b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
     assert res["step"] == 6 and a["step"] == b["step"] == 6
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    with pytest.raises(SystemExit, match=r"ckpt\.pt was trained with other settings \({'mixup': \(0\.8, 0\.0\)"):
+        finetune.main(finetune.get_args(args + ["--max-steps", "8", "--mixup", "0"]))
 
 
 @pytest.mark.parametrize("extra,message", [

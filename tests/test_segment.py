@@ -305,6 +305,56 @@ def test_predict_with_labels_and_reference_writes_dice_per_label(cxr, tmp_path):
         assert int(groups[g]["flagged"]) == sum(bool(r["flag"]) for r in rows if r["label"] == g)
 
 
+def test_labels_named_all_or_missing_and_a_reference_that_matches_nothing(cxr, tmp_path, capsys):
+    """A label called "all" gets its own row after the overall one (it once appended to the list it iterated: a hang);
+    ids missing from --labels go to "(no label)" and are counted aloud; the CSV's own column names are flags, and
+    its split column, which predict does not use, is not checked; a --reference without one matching mask says so."""
+    with open(tmp_path / "labels.csv", "w") as f:
+        f.write("image;finding;split\n" + "".join(f"im{k:02d}.dcm;{'all' if k < 4 else 'clean'};training\n"
+                                                  for k in range(10)))
+    predict = lambda out, *a: segment.main(segment.get_args(
+        ["predict", "--checkpoint", str(cxr["run"] / "best.pt"), "--data-dir", cxr["png"], "--output-dir",
+         str(tmp_path / out), "--device", "cpu", "--tta", "0", *a]))
+    predict("a", "--reference", cxr["masks"], "--labels", str(tmp_path / "labels.csv"), "--id-column", "image",
+            "--label-column", "finding")
+    assert "4 of 14 images have no row in --labels" in capsys.readouterr().out
+    groups = [(r["label"], int(r["images"])) for r in csv.DictReader(open(tmp_path / "a" / "dice.csv"))]
+    assert groups == [("all", 14), ("(no label)", 4), ("all", 4), ("clean", 6)]
+    with pytest.raises(SystemExit, match=r"error: .*labels\.csv has no column 'id'.*--id-column"):
+        predict("b", "--labels", str(tmp_path / "labels.csv"))
+    os.makedirs(tmp_path / "other")
+    predict("c", "--reference", str(tmp_path / "other"))
+    assert "no mask in --reference" in capsys.readouterr().out and not (tmp_path / "c" / "dice.csv").exists()
+
+
+def test_hull_fills_the_written_masks_but_masks_csv_judges_the_network_s_own(cxr, tmp_path):
+    run = lambda out, *a: segment.main(segment.get_args(["predict", "--checkpoint", str(cxr["run"] / "best.pt"),
+                                                         "--data-dir", cxr["png"], "--output-dir", str(tmp_path / out),
+                                                         "--device", "cpu", *a]))["rows"]
+    plain, hull = run("plain"), run("hull", "--hull")
+    assert plain == hull                               # the same scores, flags and fractions
+    grew = 0
+    for r in plain:
+        a, b = (np.asarray(Image.open(tmp_path / d / f"{r['id']}.png")) > 0 for d in ("plain", "hull"))
+        assert not (a & ~b).any()                      # the hull only adds
+        grew += int(b.sum() > a.sum())
+    assert grew > 0
+
+
+def test_resume_refuses_a_checkpoint_trained_with_other_settings(cxr, tmp_path):
+    """A finished run rerun with a changed flag (or after a default changed) stops with one line instead of
+    continuing, or silently keeping, a model trained otherwise; flags that only say where and how fast it runs
+    (--device, --num-workers, --save-every) do not count."""
+    argv = ["train", "--data-dir", cxr["png"], "--masks", cxr["masks"], "--output-dir", str(tmp_path),
+            "--cache-dir", str(cxr["dir"] / "cache")] + TINY
+    segment.main(segment.get_args(argv + ["--max-steps", "2"]))
+    with pytest.raises(SystemExit, match=r"error: .*ckpt\.pt was trained with other settings \({'scale': \(0\.25, "
+                                         r"0\.1\)"):
+        segment.main(segment.get_args(argv + ["--scale", "0.1"]))
+    out = segment.main(segment.get_args(argv + ["--num-workers", "2", "--save-every", "5"]))
+    assert out["step"] == torch.load(cxr["run"] / "ckpt.pt", weights_only=True)["step"]
+
+
 def test_bad_input_names_the_file(cxr, tmp_path):
     d = tmp_path
     os.makedirs(d / "imgs"), os.makedirs(d / "masks"), os.makedirs(d / "empty")
