@@ -161,8 +161,9 @@ def main(args):
           f"lr {lr:.3g} | {args.epochs} epochs{' | augmented' if args.augment else ''}")
 
     # ---- resume: a checkpoint of this very probe (features, pool, schedule, seed) where an earlier run stopped
-    key = hashlib.sha1(json.dumps([cache_key(args, encoder, train), args.pool, args.epochs, args.batch_size, args.blr,
-                                   args.weight_decay, args.warmup_epochs, args.augment]).encode()).hexdigest()[:16]
+    settings = [cache_key(args, encoder, train), args.pool, args.epochs, args.batch_size, args.blr, args.weight_decay,
+                args.warmup_epochs, args.augment, args.seed]
+    key = hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:16]
     ckpt_file, step = os.path.join(out_dir, f"probe_{key}.running.pt"), 0
     if os.path.exists(ckpt_file):
         try:

@@ -185,6 +185,27 @@ def test_linprobe(tmp_path, monkeypatch, capsys):
     assert b["results"]["linear_top1"] == ref["linear_top1"]
 
 
+def test_linprobe_with_another_seed_starts_its_own_probe(tmp_path, monkeypatch, capsys):
+    """A stopped probe is resumed only by the same command: another --seed (its own shuffles and crops) starts
+    afresh and leaves the stopped one to be resumed later."""
+    pre = tmp_path / "pre"
+    pretrain.main(pretrain.get_args(TINY_PRETRAIN + ["--max-steps", "2", "--knn-samples", "20", "--output-dir",
+                                                     str(pre)]))
+    argv = lambda seed: ["--checkpoint", str(pre / "ckpt.pt"), "--epochs", "3", "--batch-size", "256", "--device",
+                         "cpu", "--augment", "--seed", str(seed), "--output-dir", str(tmp_path / "b")]
+    signal_at(monkeypatch, 5)
+    with pytest.raises(SystemExit):
+        linprobe.main(linprobe.get_args(argv(0)))
+    monkeypatch.undo()
+    stopped = [f for f in os.listdir(tmp_path / "b") if f.endswith(".running.pt")]
+    capsys.readouterr()
+    linprobe.main(linprobe.get_args(argv(1)))
+    assert "resumed from" not in capsys.readouterr().out
+    assert [f for f in os.listdir(tmp_path / "b") if f.endswith(".running.pt")] == stopped
+    linprobe.main(linprobe.get_args(argv(0)))
+    assert f"resumed from {tmp_path / 'b' / stopped[0]} at step 5" in capsys.readouterr().out
+
+
 def test_segment(tmp_path, monkeypatch, capsys):
     from test_segment import radiograph
     from PIL import Image
