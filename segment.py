@@ -16,7 +16,7 @@ writes to --output-dir: ckpt.pt (the latest state; rerunning the command resumes
 (the best val Dice), args.json and log.jsonl (loss, lr, val Dice and IoU: mean and 10th percentile).
 
 predict writes to --output-dir one <id>.png per image (0 or 255, at the image's own size, exactly
-what --masks reads), masks.csv (id, lung fraction, confidence, components kept, doubt, solidity, flag;
+what --masks reads), masks.csv (id, lung fraction, confidence, components kept, doubt, shape, flag;
 with --labels the label, with --reference the Dice, worst.png and dice.csv: its summary per label)
 and overlay.png (the flagged images first); a flagged mask is written too, and listed: you decide.
 """
@@ -60,8 +60,8 @@ def get_args(argv=None):
                    "fitted to (black padding); 256 measured no better (docs/segmentation.md) at 5x the time")
     t.add_argument("--width", type=data.POS_INT, default=16, help="U-Net channels at full resolution, x2 per level")
     t.add_argument("--depth", type=data.POS_INT, default=4, help="U-Net levels below full resolution (2x2 max-pools)")
-    t.add_argument("--epochs", type=data.POS_INT, default=38, help="at 128 px with the defaults, about 11 s per epoch "
-                   "on 2 CPU cores in fp32: 38 take 7 minutes")
+    t.add_argument("--epochs", type=data.POS_INT, default=76, help="76 take 7 minutes on 2 CPU cores in bf16 (9 in "
+                   "fp32), and hold on sick lungs better than 38 (docs/segmentation.md)")
     t.add_argument("--max-steps", type=data.NONNEG_INT, default=0, help="stop after this many steps (0: no limit); the "
                    "schedule still spans --epochs, so a stopped run resumes exactly")
     t.add_argument("--lr", type=data.POS, default=3e-3, help="AdamW peak lr, after a linear warm-up")
@@ -106,10 +106,10 @@ def get_args(argv=None):
                    "probability inside the mask is lower")
     q.add_argument("--tta", type=data.Number(int, "[0, 6]"), default=4, help="views of each image, zoomed or shifted a "
                    "little, whose masks the doubt score compares with the mask predicted (0: no doubt score)")
-    q.add_argument("--max-doubt", type=data.Number(float, "[0, 1]"), default=0.03, help="flag masks whose doubt (1 - "
+    q.add_argument("--max-doubt", type=data.Number(float, "[0, 1]"), default=0.025, help="flag masks whose doubt (1 - "
                    "mean Dice of the mask and the views' masks) exceeds this")
-    q.add_argument("--min-solidity", type=data.Number(float, "[0, 1]"), default=0.8, help="flag masks that fill "
-                   "less than this of their lungs' convex hulls (ragged: stopped at an opacity)")
+    q.add_argument("--max-shape", type=data.Number(float, "[0, 1]"), default=0.135, help="flag masks whose shape (1 - "
+                   "Dice with the closest training mask, both in their bounding box) exceeds this")
     q.add_argument("--hull", action="store_true", help="fill each lung to its convex hull: the heart's notch and the "
                    "costophrenic angles, toward the whole lung (docs/segmentation.md); masks.csv judges it before")
     q.add_argument("--grid", type=data.NONNEG_INT, default=16, help="images in overlay.png (flagged ones first)")
@@ -253,13 +253,6 @@ def label_components(mask, connectivity=8):
     return labels, area[order]
 
 
-def keep_largest_components(mask, k=2, connectivity=8):
-    """The k largest connected components of a binary (H, W) mask (both lungs, k=2), as a bool
-    numpy array; stray blobs are dropped. 8-connectivity: pixels touching at a corner belong together."""
-    labels, _ = label_components(mask, connectivity)
-    return (labels > 0) & (labels <= k)
-
-
 def fill_holes(mask):
     """Fill the holes of a binary (H, W) mask: background regions that do not reach the border
     (4-connected, the complement of 8-connected foreground) become foreground. Bool numpy array."""
@@ -379,8 +372,9 @@ def equalize(x):
 
 def postprocess(mask, k=2):
     """The thesis' post-processed mask: the k largest 8-connected components of a binary (H, W)
-    mask (stray blobs dropped), their holes filled; bool numpy."""
-    return fill_holes(keep_largest_components(mask, k))
+    mask (stray blobs dropped; pixels touching at a corner belong together), their holes filled; bool numpy."""
+    labels, _ = label_components(mask)
+    return fill_holes((labels > 0) & (labels <= k))
 
 
 @torch.no_grad()
@@ -446,6 +440,7 @@ def train(args):
     x, m, xv, mv = ds.x[tr], ds.masks[tr], ds.x[va], ds.masks[va]
     if args.equalize:                                  # every image's histogram spread out alike (lungVAE's step)
         x, xv = equalize(x), equalize(xv)
+    shapes = torch.stack([shape_code(k[0].numpy() > 0) for k in m])    # predict's shape score compares with these
     try:
         mean, std = data.channel_stats(x, f"the training images under {args.data_dir}")
     except ValueError as e:
@@ -476,7 +471,7 @@ def train(args):
                          args=vars(args), unet_config=raw_model.config(), best=best,
                          data=dict(img_size=args.img_size, mean=list(mean), std=list(std), keep_aspect=args.keep_aspect,
                                    equalize=args.equalize, window_percentile=args.window_percentile),
-                         val_ids=[ds.ids[i] for i in va])
+                         val_ids=[ds.ids[i] for i in va], shapes=shapes)
 
     # ---- loop
     raw_model.train()
@@ -592,27 +587,31 @@ def convex_hulls(mask):
     return out
 
 
-def judge(mask, prob, doubt, args):
+def shape_code(mask, grid=32):
+    """A bool (H, W) mask's bounding box resized to (grid, grid), flattened: its shape, whatever its size and place.
+    train keeps the training masks' codes in the checkpoint; predict compares each mask's code with them."""
+    ys, xs = np.nonzero(mask)
+    if not len(ys):
+        return torch.zeros(grid * grid, dtype=torch.bool)
+    box = torch.from_numpy(mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1].astype(np.float32))[None, None]
+    return (F.interpolate(box, size=(grid, grid), mode="bilinear", antialias=True) > 0.5).flatten()
+
+
+def judge(mask, prob, doubt, shapes, args):
     """One masks.csv row's numbers and flag: lung fraction, confidence (mean probability inside the mask),
     components, doubt (how much the mask changes when the image is zoomed or shifted a little: 1 - Dice, averaged
-    over the views), solidity (the mask's share of its lungs' convex hulls: a lung is nearly convex, a mask that
-    stops at an opacity is ragged) and why the mask looks wrong ('' when it does not)."""
+    over the views), shape (1 - Dice of its shape_code with the closest training mask's: a mask that stops at an
+    opacity is a shape no normal lung has; '' without the training shapes) and why it looks wrong ('' if not)."""
     _, areas = label_components(mask)
     frac, conf = mask.mean(), float(prob[mask].mean()) if mask.any() else 0.0
-    solidity = float(mask.sum() / max(convex_hulls(mask).sum(), 1))
-    why = ["doubtful"] * (doubt > args.max_doubt) + ["ragged"] * (0 < solidity < args.min_solidity)
-    if len(areas) == 0:
-        why.append("empty")
-    elif args.components >= 2 and (len(areas) < 2 or areas[1] < args.min_ratio * areas[0]):
-        why.append("one lung")
-    if 0 < frac < args.min_area:
-        why.append("small")
-    if frac > args.max_area:
-        why.append("large")
-    if len(areas) and conf < args.min_confidence:
-        why.append("unsure")
+    code = shape_code(mask, round(shapes.shape[1] ** 0.5)) if shapes is not None else None
+    shape = "" if code is None else round(1 - dice_iou(shapes, code.expand_as(shapes))[0].max().item(), 4)
+    why = {"doubtful": doubt > args.max_doubt, "odd shape": shape != "" and shape > args.max_shape,
+           "empty": not len(areas), "one lung": len(areas) and args.components >= 2 and
+           (len(areas) < 2 or areas[1] < args.min_ratio * areas[0]), "small": 0 < frac < args.min_area,
+           "large": frac > args.max_area, "unsure": len(areas) and conf < args.min_confidence}
     return dict(lung_fraction=round(float(frac), 4), confidence=round(conf, 4), components=len(areas),
-                doubt=round(doubt, 4), solidity=round(solidity, 4), flag=";".join(why))
+                doubt=round(doubt, 4), shape=shape, flag=";".join(k for k, v in why.items() if v))
 
 
 def outline(mask, size):
@@ -668,6 +667,8 @@ def predict(args):
     model.load_state_dict(ckpt["model"])                     # strict: a mismatch fails loudly
     d = ckpt["data"]
     size, keep_aspect = d["img_size"], d["keep_aspect"]      # the geometry the U-Net learnt
+    if (shapes := ckpt.get("shapes")) is None:               # the training masks' shape codes, for judge
+        print(f"note: {args.checkpoint} holds no training shapes (trained before they were kept): no shape score")
     out_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
                                               "masks_" + os.path.basename(os.path.normpath(args.data_dir)))
     if os.path.abspath(out_dir) == os.path.abspath(args.data_dir):
@@ -715,7 +716,7 @@ def predict(args):
                 prob = unfit_square(prob, *img.shape, keep_aspect).numpy()
                 mask = postprocess(prob > args.threshold, args.components)
                 row = dict(id=ids[k], file=os.path.relpath(files[k], args.data_dir), height=img.shape[0],
-                           width=img.shape[1], **judge(mask, prob, doubt, args))     # the network's mask, unhulled
+                           width=img.shape[1], **judge(mask, prob, doubt, shapes, args))  # the mask, unhulled
                 mask = convex_hulls(mask) if args.hull else mask
                 Image.fromarray(mask.astype(np.uint8) * 255).save(os.path.join(out_dir, ids[k] + ".png"))
                 if labels is not None:
@@ -733,7 +734,7 @@ def predict(args):
 
     # ---- report: masks.csv, overlay.png, and the flagged images by name
     with open(os.path.join(out_dir, "masks.csv"), "w", newline="") as f:
-        columns = ["id", "file", "height", "width", "lung_fraction", "confidence", "components", "doubt", "solidity",
+        columns = ["id", "file", "height", "width", "lung_fraction", "confidence", "components", "doubt", "shape",
                    "flag"] + (["label"] if labels is not None else []) + (["dice", "iou"] if args.reference else [])
         w = csv.DictWriter(f, fieldnames=columns, restval="")
         w.writeheader()
@@ -785,8 +786,7 @@ def predict(args):
     if flagged:
         print(f"{len(flagged)} flagged (written anyway; look at them before using them):")
         for r in flagged[:30]:
-            print(f"  {r['id']}: {r['flag']} (lung fraction {r['lung_fraction']}, confidence {r['confidence']}, "
-                  f"{r['components']} component(s))")
+            print(f"  {r['id']}: {r['flag']} (shape {r['shape']}, doubt {r['doubt']}, lungs {r['lung_fraction']})")
         if len(flagged) > 30:
             print(f"  ... and {len(flagged) - 30} more in masks.csv")
     return dict(out_dir=out_dir, rows=rows, bad=bad, seconds=seconds)

@@ -112,10 +112,10 @@ def test_components_keep_two_lungs_fill_hole():
     labels, areas = segment.label_components(m)
     assert areas.tolist() == [22 * 12 + 1, 20 * 11 - 6, 4] and labels.max() == 3
     assert segment.label_components(m, connectivity=4)[1].tolist() == [22 * 12, 20 * 11 - 6, 4, 1]
-    kept = segment.keep_largest_components(m, k=2)
-    assert not kept[27:29, 36:38].any() and kept[3:25, 4:16].all() and kept[25, 16]
-    filled = segment.fill_holes(kept)
-    assert filled[4:24, 22:33].all() and (filled ^ kept).sum() == 6
+    filled = segment.fill_holes(m)
+    assert filled[4:24, 22:33].all() and (filled ^ m).sum() == 6
+    kept = segment.postprocess(m, k=2)                 # the two largest, holes filled
+    assert not kept[27:29, 36:38].any() and kept[3:25, 4:16].all() and kept[25, 16] and kept[4:24, 22:33].all()
     assert not segment.fill_holes(np.pad(np.ones((3, 3), bool), 1) ^ np.pad(np.ones((1, 1), bool), 2))[0].any()
     # against flood fill on random masks, both connectivities
     rng = np.random.default_rng(0)
@@ -128,23 +128,31 @@ def test_components_keep_two_lungs_fill_hole():
             assert [int((labels == i + 1).sum()) for i in range(len(areas))] == areas.tolist()
 
 
-def test_judge_flags_one_lung_and_areas():
+def test_judge_flags_one_lung_areas_and_shapes_unlike_the_training_masks():
     args = segment.get_args(["predict", "--checkpoint", "x.pt", "--data-dir", "x"])
     two = np.zeros((20, 20), bool)
     two[2:18, 2:8], two[2:18, 11:17] = True, True
     prob = np.where(two, 0.95, 0.05)
-    assert segment.judge(two, prob, 0.01, args) == dict(lung_fraction=0.48, confidence=0.95, components=2,
-                                                          doubt=0.01, solidity=1.0, flag="")
-    ragged = two.copy()
-    ragged[5:15, 2:7] = False                          # a bite out of the left lung: 50 of its hull's 96 pixels
-    assert segment.judge(ragged, prob, 0.0, args)["solidity"] == round((192 - 50) / 192, 4) and \
-        segment.judge(ragged, prob, 0.0, args)["flag"] == "ragged"
-    assert segment.judge(two, prob, args.max_doubt + 0.01, args)["flag"] == "doubtful"
+    assert segment.judge(two, prob, 0.01, None, args) == dict(lung_fraction=0.48, confidence=0.95, components=2,
+                                                                doubt=0.01, shape="", flag="")
+    # the shape score: 1 - Dice with the closest training shape, whatever the mask's size and place
+    shapes = torch.stack([segment.shape_code(two), segment.shape_code(np.pad(two, 5)[::-1])])
+    big = np.zeros((60, 50), bool)
+    big[10:50, 5:20], big[10:50, 27:42] = True, True   # the same two lungs, larger, elsewhere
+    assert segment.judge(big, np.where(big, 0.95, 0.05), 0.0, shapes, args)["shape"] == 0.0
+    cut = two.copy()
+    cut[10:, 2:8] = False                              # the left lung stops halfway down: half the box empty
+    code = segment.shape_code(cut)
+    expected = 1 - 2 * (code & shapes[0]).sum().item() / (code.sum() + shapes[0].sum()).item()
+    assert expected > args.max_shape and segment.judge(cut, prob, 0.0, shapes, args)["shape"] == round(expected, 4)
+    assert segment.judge(cut, prob, 0.0, shapes, args)["flag"] == "odd shape"
+    assert segment.judge(two, prob, args.max_doubt + 0.01, shapes, args)["flag"] == "doubtful"
     one = two.copy()
     one[:, 10:] = False
-    assert segment.judge(one, prob, 0.0, args)["flag"] == "one lung"
-    assert segment.judge(np.zeros((20, 20), bool), prob, 0.0, args)["flag"] == "empty"
-    assert segment.judge(np.ones((20, 20), bool), np.full((20, 20), 0.6), 0.0, args)["flag"] == "one lung;large;unsure"
+    assert segment.judge(one, prob, 0.0, None, args)["flag"] == "one lung"
+    assert segment.judge(np.zeros((20, 20), bool), prob, 0.0, shapes, args)["flag"] == "odd shape;empty"
+    assert segment.judge(np.ones((20, 20), bool), np.full((20, 20), 0.6), 0.0, None, args)["flag"] == \
+        "one lung;large;unsure"
 
 
 def test_views_undo_and_convex_hulls_fill_only_the_notches():
@@ -233,6 +241,12 @@ def test_train_writes_checkpoints_and_log(cxr):
     net = segment.UNet(**ckpt["unet_config"])
     net.load_state_dict(ckpt["model"])
     assert ("im00" in ckpt["val_ids"]) == ("im13" in ckpt["val_ids"])   # the twins on one side
+    # the training masks' shape codes, for predict's shape score: of the training split only
+    train_ids = sorted(set(f"im{k:02d}" for k in range(14)) - set(ckpt["val_ids"]))
+    assert ckpt["shapes"].dtype == torch.bool and ckpt["shapes"].shape == (len(train_ids), 32 * 32)
+    lungs = segment.shape_code(np.asarray(Image.open(os.path.join(cxr["masks"], train_ids[0] + ".png"))) > 0)
+    closest = lambda code: segment.dice_iou(ckpt["shapes"], code.expand_as(ckpt["shapes"]))[0].max()
+    assert closest(lungs) > 0.9 > closest(segment.shape_code(np.ones((30, 40), bool)))   # a box is no lung pair
 
 
 def test_train_resumes_exactly(cxr, tmp_path):
@@ -274,6 +288,10 @@ def test_predict_masks_read_back_by_data_py(cxr, tmp_path):
     assert sum(m.any() for m in masks.values()) >= 10  # not a trivially empty read-back
     rows = list(csv.DictReader(open(out / "masks.csv")))
     assert [r["id"] for r in rows] == ids and set(rows[0]) >= {"lung_fraction", "confidence", "components", "flag"}
+    shapes = torch.load(cxr["run"] / "best.pt", weights_only=True)["shapes"]   # each written mask's shape score
+    for r in rows:
+        code = segment.shape_code(masks[r["id"]] > 0)
+        assert float(r["shape"]) == round(1 - segment.dice_iou(shapes, code.expand_as(shapes))[0].max().item(), 4)
     # data.py's --masks reads them back pixel-exact (fitted to its img_size as every mask is)
     ds = data.build_dataset("dicom", data_dir=cxr["dcm"], img_size=32, masks=str(out), split_fractions=(1, 0, 0),
                             cache_dir=str(tmp_path / "cache"), num_workers=1)
@@ -339,6 +357,16 @@ def test_hull_fills_the_written_masks_but_masks_csv_judges_the_network_s_own(cxr
         assert not (a & ~b).any()                      # the hull only adds
         grew += int(b.sum() > a.sum())
     assert grew > 0
+
+
+def test_a_checkpoint_without_training_shapes_predicts_with_no_shape_score(cxr, tmp_path, capsys):
+    ckpt = torch.load(cxr["run"] / "best.pt", weights_only=True)
+    del ckpt["shapes"]                                 # as written before the shape codes were kept
+    torch.save(ckpt, tmp_path / "old.pt")
+    res = segment.main(segment.get_args(["predict", "--checkpoint", str(tmp_path / "old.pt"), "--data-dir", cxr["png"],
+                                         "--output-dir", str(tmp_path / "masks"), "--device", "cpu", "--grid", "0"]))
+    assert "holds no training shapes" in capsys.readouterr().out
+    assert all(r["shape"] == "" and "odd shape" not in r["flag"] for r in res["rows"])
 
 
 def test_resume_refuses_a_checkpoint_trained_with_other_settings(cxr, tmp_path):
