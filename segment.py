@@ -440,7 +440,6 @@ def train(args):
     x, m, xv, mv = ds.x[tr], ds.masks[tr], ds.x[va], ds.masks[va]
     if args.equalize:                                  # every image's histogram spread out alike (lungVAE's step)
         x, xv = equalize(x), equalize(xv)
-    shapes = torch.stack([shape_code(k[0].numpy() > 0) for k in m])    # predict's shape score compares with these
     try:
         mean, std = data.channel_stats(x, f"the training images under {args.data_dir}")
     except ValueError as e:
@@ -449,6 +448,7 @@ def train(args):
     if steps_per_epoch == 0:
         raise SystemExit(f"error: {len(x)} training images are fewer than one batch (--batch-size {args.batch_size})")
     total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
+    shapes = torch.stack([shape_code(v > 0) for k in m for v in (k[0].numpy(), k[0].numpy()[:, ::-1])])  # judge's
     if device.type == "cuda":
         x, m = x.to(device), m.to(device)
 
@@ -589,7 +589,8 @@ def convex_hulls(mask):
 
 def shape_code(mask, grid=32):
     """A bool (H, W) mask's bounding box resized to (grid, grid), flattened: its shape, whatever its size and place.
-    train keeps the training masks' codes in the checkpoint; predict compares each mask's code with them."""
+    train keeps the training masks' codes and their mirror images' (a flipped radiograph's lungs are lungs) in the
+    checkpoint; predict compares each mask's code with them."""
     ys, xs = np.nonzero(mask)
     if not len(ys):
         return torch.zeros(grid * grid, dtype=torch.bool)
@@ -598,15 +599,14 @@ def shape_code(mask, grid=32):
 
 
 def judge(mask, prob, doubt, shapes, args):
-    """One masks.csv row's numbers and flag: lung fraction, confidence (mean probability inside the mask),
-    components, doubt (how much the mask changes when the image is zoomed or shifted a little: 1 - Dice, averaged
-    over the views), shape (1 - Dice of its shape_code with the closest training mask's: a mask that stops at an
-    opacity is a shape no normal lung has; '' without the training shapes) and why it looks wrong ('' if not)."""
+    """One masks.csv row: lung fraction, confidence (mean probability inside the mask), components, doubt (1 - Dice
+    of the mask and those of the image zoomed or shifted a little, averaged), shape (1 - Dice of its shape_code and
+    the closest training mask's: a mask stopped by an opacity is no normal lung's shape) and why it looks wrong."""
     _, areas = label_components(mask)
     frac, conf = mask.mean(), float(prob[mask].mean()) if mask.any() else 0.0
     code = shape_code(mask, round(shapes.shape[1] ** 0.5)) if shapes is not None else None
     shape = "" if code is None else round(1 - dice_iou(shapes, code.expand_as(shapes))[0].max().item(), 4)
-    why = {"doubtful": doubt > args.max_doubt, "odd shape": shape != "" and shape > args.max_shape,
+    why = {"doubtful": doubt > args.max_doubt, "odd shape": len(areas) and shape != "" and shape > args.max_shape,
            "empty": not len(areas), "one lung": len(areas) and args.components >= 2 and
            (len(areas) < 2 or areas[1] < args.min_ratio * areas[0]), "small": 0 < frac < args.min_area,
            "large": frac > args.max_area, "unsure": len(areas) and conf < args.min_confidence}
@@ -786,7 +786,7 @@ def predict(args):
     if flagged:
         print(f"{len(flagged)} flagged (written anyway; look at them before using them):")
         for r in flagged[:30]:
-            print(f"  {r['id']}: {r['flag']} (shape {r['shape']}, doubt {r['doubt']}, lungs {r['lung_fraction']})")
+            print(f"  {r['id']}: {r['flag']} (shape {r['shape'] or '-'}, doubt {r['doubt']})")
         if len(flagged) > 30:
             print(f"  ... and {len(flagged) - 30} more in masks.csv")
     return dict(out_dir=out_dir, rows=rows, bad=bad, seconds=seconds)
