@@ -448,7 +448,7 @@ def train(args):
     if steps_per_epoch == 0:
         raise SystemExit(f"error: {len(x)} training images are fewer than one batch (--batch-size {args.batch_size})")
     total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
-    shapes = torch.stack([shape_code(v > 0) for k in m for v in (k[0].numpy(), k[0].numpy()[:, ::-1])])  # judge's
+    shapes = torch.stack([shape_code(v > 0) for k in m for v in (k[0].numpy(), k[0].numpy()[:, ::-1])])  # shape_code
     if device.type == "cuda":
         x, m = x.to(device), m.to(device)
 
