@@ -4,14 +4,12 @@ the pinned digests are swapped for the fixtures' own, and every path of data.fet
 URL, a mirror folder, a corrupt file, a connection dropped halfway, a 404, no server at all, a leftover .part,
 archives that try to write outside their folder, a CIFAR pickle that tries to run code."""
 import hashlib
-import http.server
 import io
 import os
 import pickle
 import subprocess
 import sys
 import tarfile
-import threading
 
 import numpy as np
 import pytest
@@ -54,36 +52,6 @@ def write_openist(tmp_path, n=4):
     (tmp_path / "served" / "archive").mkdir()
     return tar_folder(repo, tmp_path / "served" / "archive" / f"{data.OPENIST}.tar.gz", f"OpenIST-{data.OPENIST}/"), \
         tree
-
-
-class Handler(http.server.SimpleHTTPRequestHandler):
-    """Files under the served folder; /drop/<path> sends the full length in its header, then half the bytes."""
-
-    def do_GET(self):
-        if self.path.startswith("/drop/"):
-            body = open(os.path.join(self.directory, self.path[6:]), "rb").read()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body[:len(body) // 2])
-            self.wfile.flush()
-            self.connection.close()
-            return
-        super().do_GET()
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def served(tmp_path):
-    """(base URL, served folder) of an HTTP server on 127.0.0.1 for this test."""
-    root = tmp_path / "served"
-    root.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: Handler(*a, directory=str(root)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", root
-    server.shutdown()
 
 
 @pytest.fixture
