@@ -108,6 +108,8 @@ def fetch_archive(root, mirror):
         print(f"fetching {src} -> {path} (about 120 MB)")
         os.makedirs(root, exist_ok=True)
         try:
+            if os.path.exists(path + ".part"):                      # left by a killed run: torchvision would keep it
+                os.remove(path + ".part")
             download_url(src, root, file + ".part") if "://" in src else shutil.copyfile(src, path + ".part")
         except Exception as e:                                      # no network, a 404, a dropped connection
             if os.path.exists(path + ".part"):
@@ -129,7 +131,8 @@ def fetch_archive(root, mirror):
     except (ValueError, tarfile.TarError, EOFError, OSError) as e:
         if fetched:
             os.remove(path)
-        raise ValueError(f"{e if isinstance(e, ValueError) else f'{path} is not a whole archive ({e})'}; "
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__             # tarfile's errors span lines
+        raise ValueError(f"{e if isinstance(e, ValueError) else f'{path} is not a whole archive ({why})'}; "
                          f"{'removed' if fetched else 'delete it'} and rerun") from None
     return blobs
 
@@ -147,7 +150,7 @@ def fetch_jsrt(cache, mirror):
             src = base + "/" + rel if "://" in base else os.path.join(base, rel)
             try:
                 if "://" in src:
-                    with urllib.request.urlopen(src, timeout=120) as r:
+                    with urllib.request.urlopen(src, timeout=60) as r:
                         body = r.read()
                 else:
                     body = open(src, "rb").read()
@@ -161,8 +164,11 @@ def fetch_jsrt(cache, mirror):
         return rel
 
     print(f"fetching JSRT's {len(todo)} files from {base} -> {cache} (about 300 MB)")
-    with ThreadPoolExecutor(8) as pool:
+    pool = ThreadPoolExecutor(8)
+    try:
         list(tqdm(pool.map(get, todo), total=len(todo), desc="JSRT", unit="file"))
+    finally:                                                        # the first failure stops the rest
+        pool.shutdown(cancel_futures=True)
     blobs = {folder: {} for folder in JSRT_FILES}
     for rel in todo:
         folder, _, name = rel.rpartition("/")
@@ -212,8 +218,11 @@ def build(args):
             Image.fromarray(mask.astype(np.uint8) * 255).save(os.path.join(part, d, "masks", f"{i}.png"))
     with open(os.path.join(part, "real", "labels.csv"), "w", newline="") as f:
         csv.writer(f).writerows([("id", "label")] + rows)
-    subprocess.run([sys.executable, os.path.join(ROOT, "tests", "make_xray_dicoms.py"), os.path.join(part, "normals"),
-                    os.path.join(part, "sim"), "--sick"], check=True)
+    if subprocess.run([sys.executable, os.path.join(ROOT, "tests", "make_xray_dicoms.py"),
+                       os.path.join(part, "normals"), os.path.join(part, "sim"), "--sick"]).returncode:
+        shutil.rmtree(part)
+        raise ValueError("tests/make_xray_dicoms.py could not write the simulated set (its message is above); "
+                         f"{part} removed, the sources kept: rerun")
     shutil.rmtree(os.path.join(part, "normals"))
     os.replace(part, out)
     shutil.rmtree(cache)
