@@ -648,10 +648,8 @@ def decode_xrays(root, img_size, masks=None, keep_aspect=True, window_percentile
         folder = os.path.join(os.path.expanduser("~/.cache/dsmae"), hashlib.sha1(root.encode()).hexdigest()[:12])
         os.makedirs(folder, exist_ok=True)
     cache = os.path.join(folder, f"xray_{img_size}px_{key[:8]}.npz")
-    if os.path.exists(cache) and str(np.load(cache)["stamp"]) == stamp:
-        d = np.load(cache)
-        bad = [tuple(b.split("\t", 1)) for b in d["bad"].tolist()]
-        if bad and not skip_bad:
+    if os.path.exists(cache) and str((d := np.load(cache))["stamp"]) == stamp:
+        if (bad := [tuple(b.split("\t", 1)) for b in d["bad"].tolist()]) and not skip_bad:
             raise ValueError(f"{bad[0][0]}: {bad[0][1]} (cached; --skip-bad to go on without it)")
         return dict(x=d["x"], masks=d["masks"] if masks else None, ids=d["ids"].tolist(), bad=bad)
     check_fits_in_memory(len(files), 2 if masks else 1, img_size, root)
@@ -700,8 +698,7 @@ def read_label_csv(path, id_column, label_column, split_column):
         text = open(path, newline="", encoding="utf-8-sig").read()
     except UnicodeDecodeError as e:
         raise ValueError(f"--labels {path}: not UTF-8 text (byte {e.start}): save it as UTF-8 CSV") from None
-    delimiter = max(",;\t", key=text.split("\n")[0].count)             # the header's: comma, semicolon or tab
-    reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
+    reader = csv.DictReader(text.splitlines(), delimiter=max(",;\t", key=text.split("\n")[0].count))  # the header's
     cols = reader.fieldnames or []
     for c in (id_column, label_column):
         if c not in cols:
@@ -761,9 +758,8 @@ def load_xray(root, split, img_size, labels=None, id_column="id", label_column="
     y, names, rows = None, [], None
     if labels:
         rows = read_label_csv(labels, id_column, label_column, split_column)
-        missing = [i for i in rows if i not in set(ids.tolist()) | bad]
-        unlabelled = [str(i) for i in ids if i not in rows]
-        if missing:
+        present, unlabelled = set(ids.tolist()) | bad, [str(i) for i in ids if i not in rows]
+        if missing := [i for i in rows if i not in present]:          # (one set, not one per row: 30,000 rows)
             raise ValueError(f"{labels}: {len(missing)} labelled image(s) not found under {root}, e.g. {missing[0]!r}")
         if unlabelled and not skip_bad:
             raise ValueError(f"{len(unlabelled)} image(s) under {root}, e.g. {unlabelled[0]!r}, have no row in "
@@ -771,8 +767,7 @@ def load_xray(root, split, img_size, labels=None, id_column="id", label_column="
         if unlabelled:
             print(f"left out {len(unlabelled)} image(s) without a row in {labels}, e.g. {unlabelled[0]!r}")
         names = sorted({lab for lab, _ in rows.values()})
-        unknown = [c for c in classes or [] if c not in names]
-        if unknown:
+        if unknown := [c for c in classes or [] if c not in names]:
             raise ValueError(f"--classes {unknown[0]!r} is not a label in {labels} (labels: {', '.join(names)})")
         names = sorted(classes) if classes else names
         keep = torch.tensor([i in rows and rows[i][0] in names for i in ids], dtype=torch.bool)
@@ -782,8 +777,7 @@ def load_xray(root, split, img_size, labels=None, id_column="id", label_column="
     split_of = np.array([rows[i][1] for i in ids]) if has_split else \
         stratified_split(y.numpy() if y is not None else np.zeros(len(ids), np.int64), split_fractions, seed)
     train = torch.from_numpy(split_of == "train")
-    empty = [k for k in range(len(names)) if not (y[train] == k).any()] if y is not None else []
-    if empty:                                        # a class the classifier would never see in training
+    if empty := [k for k in range(len(names)) if not (y[train] == k).any()] if y is not None else []:  # never trained
         raise ValueError(f"{labels}: class {names[empty[0]]!r} has no training image ({int((y == empty[0]).sum())} in "
                          f"all); add images of it, move some to train, or leave it out with --classes")
     xv = apply_variant(x, m, variant, int(round(x[train].float().mean().item())) if variant == "seg-gray" else None)
@@ -855,6 +849,13 @@ def fetch(name, root="data", mirror=None):
                                                              f"{e}); {'removed' if fetched else 'delete it'}, rerun")
 
 
+def git_tree(blobs):
+    """git's tree id of a folder of plain files, {name: content}: a commit's content, whatever an archive's bytes."""
+    t = b"".join(b"100644 %s\0%s" % (n.encode(), hashlib.sha1(b"blob %d\0%s" % (len(c), c)).digest())
+                 for n, c in sorted(blobs.items()))
+    return hashlib.sha1(b"tree %d\0%s" % (len(t), t)).hexdigest()
+
+
 def _unpack(archive, root, folder, digest):
     """Unpack beside, check, rename. A member that would land outside (an absolute path, '..', a link, a device)
     refuses the archive: a mirror is trusted no more than the source. OpenIST: its Datasets/Chest_x-ray/ only, as
@@ -869,13 +870,12 @@ def _unpack(archive, root, folder, digest):
         if not digest.startswith("tree"):
             tar.extractall(tmp, filter="data")
         else:            # git's tree id of a folder of plain files: the content, whatever the archive's bytes
-            inside, tree = f"OpenIST-{OPENIST}/Datasets/Chest_x-ray/", b""
-            for m in sorted((m for m in members if m.isfile() and m.name.startswith(inside)), key=lambda m: m.name):
-                blob, name = tar.extractfile(m).read(), m.name[len(inside):]
-                tree += b"100644 " + name.encode() + b"\0" + hashlib.sha1(b"blob %d\0" % len(blob) + blob).digest()
+            inside, blobs = f"OpenIST-{OPENIST}/Datasets/Chest_x-ray/", {}
+            for m in (m for m in members if m.isfile() and m.name.startswith(inside)):
+                blobs[name := m.name[len(inside):]] = tar.extractfile(m).read()
                 m.name = f"{folder}/masks/{name[:-5]}.png" if name.endswith("@.png") else f"{folder}/images/{name}"
                 tar.extract(m, tmp, filter="data")
-            if hashlib.sha1(b"tree %d\0" % len(tree) + tree).hexdigest() != digest[5:]:
+            if git_tree(blobs) != digest[5:]:
                 raise ValueError(f"{archive}: its Datasets/Chest_x-ray/ is not the pinned one (git tree "
                                  f"{digest[5:]}, OpenIST at {OPENIST[:7]}); nothing was kept")
             print(f"{root}/openist: 275 normal radiographs, lung masks. No licence: your research only, not to share")

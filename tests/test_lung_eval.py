@@ -58,8 +58,7 @@ def sources(tmp_path, served, monkeypatch):
         subprocess.run(["git", "-C", str(repo), "add", "."], check=True)
         trees.update({f: tree(repo, f) for f in folders})
     subprocess.run(["rm", "-rf", str(jsrt / ".git")], check=True)
-    tar_folder(mcsz, root / f"MultiResUNet-lung-segmentation-{lung_eval.MCSZ}.tar.gz",
-               f"MultiResUNet-lung-segmentation-{lung_eval.MCSZ}/")
+    tar_folder(mcsz, root / f"{lung_eval.MCSZ}.tar.gz", f"MultiResUNet-lung-segmentation-{lung_eval.MCSZ}/")
     monkeypatch.setattr(lung_eval, "TREES", trees)
     monkeypatch.setattr(lung_eval, "JSRT_IDS", JSRT_IDS)
     monkeypatch.setattr(lung_eval, "SIM", {"Montgomery normal": 1, "Shenzhen normal": 1, "JSRT normal": 1})
@@ -96,8 +95,7 @@ def test_build_writes_both_sets_in_the_layout_predict_reads(sources, tmp_path, b
     assert sorted(rows) == sorted([f"{i}_{k}", k] for i in ("MCUCXR_0001_0", "CHNCXR_0001_0", "JPCNN001")
                                   for k in ("clean", "consolidation", "effusion", "haze"))
     assert len(os.listdir(sim / "dicom")) == len(os.listdir(sim / "masks")) == 12
-    assert sorted(os.listdir(tmp_path / "data")) == [f"MultiResUNet-lung-segmentation-{lung_eval.MCSZ}.tar.gz",
-                                                     "lung_eval"]                # no .part, no JSRT cache
+    assert sorted(os.listdir(tmp_path / "data")) == [f"{lung_eval.MCSZ}.tar.gz", "lung_eval"]   # no .part, no cache
     build(tmp_path / "data", url)
     assert "is there already" in capsys.readouterr().out
 
@@ -124,7 +122,7 @@ def test_a_changed_file_is_refused_and_a_missing_one_resumes(sources, tmp_path):
 
 def test_a_broken_archive_is_one_line_removed_if_ours_and_kept_if_yours(sources, tmp_path):
     url, root, _ = sources
-    archive = root / f"MultiResUNet-lung-segmentation-{lung_eval.MCSZ}.tar.gz"
+    archive = root / f"{lung_eval.MCSZ}.tar.gz"
     archive.write_bytes(archive.read_bytes()[:300])                       # cut short: not a whole archive
     with pytest.raises(ValueError, match=r"is not a whole archive \([^\n]*\); removed and rerun$"):
         build(tmp_path / "data", url)
@@ -136,11 +134,11 @@ def test_a_broken_archive_is_one_line_removed_if_ours_and_kept_if_yours(sources,
 
 
 def test_no_server_is_one_line(tmp_path):
-    (tmp_path / f"MultiResUNet-lung-segmentation-{lung_eval.MCSZ}.tar.gz.part").write_bytes(b"left by a kill")
+    (tmp_path / f"{lung_eval.MCSZ}.tar.gz.part").write_bytes(b"left by a kill")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "lung_eval.py"), "build", "--data-dir",
                         str(tmp_path), "--mirror", "http://127.0.0.1:9"], capture_output=True, text=True)
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert r.stderr.startswith("error: could not fetch http://127.0.0.1:9/MultiResUNet-lung-segmentation-")
+    assert r.stderr.startswith(f"error: could not fetch http://127.0.0.1:9/{lung_eval.MCSZ}.tar.gz")
     assert "--mirror" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert os.listdir(tmp_path) == []                                      # nothing half-written
 

@@ -19,8 +19,9 @@ mirror's bytes, the content is the commit's. It writes data/lung_eval/real/ (ima
 tests/make_xray_dicoms.py --sick, each as a DICOM clean and with a simulated consolidation, effusion and haze over its
 known mask (docs/segmentation.md says what a simulated set cannot show). Their licences are for research, with
 citation; nobody may redistribute them, so they are fetched on request from the source and never shipped.
---mirror (or $DSMAE_MIRROR), a URL or a folder, holds the same files under the same names: the archive, and the
-JSRT files under JSRT-Segmentation-<commit>/ (the repository at that commit); the same tree ids are checked.
+--mirror (or $DSMAE_MIRROR), a URL or a folder, holds the same files under the same names: the archive
+(<commit>.tar.gz, the last part of its GitHub URL), and the JSRT files under JSRT-Segmentation-<commit>/ (the
+repository at that commit); the same tree ids are checked.
 
 score runs segment.py predict as a user would (its defaults, with --labels and --reference) on both sets and writes
 lung_eval.md and lung_eval.json to --output-dir: per set the masks, mean Dice, 10th percentile, and the flag's catch
@@ -31,7 +32,6 @@ kept out of this evaluation and of all tuning: they are left for an independent 
 """
 import argparse
 import csv
-import hashlib
 import io
 import json
 import os
@@ -84,41 +84,22 @@ def get_args(argv=None):
 
 # ----------------------------------------------------------------------------- fetch, and check against the pins
 
-def git_tree(blobs):
-    """git's tree id of a folder of plain files, {name: content}: the pinned commit's files, whatever the archive."""
-    t = b"".join(b"100644 %s\0" % n.encode() + hashlib.sha1(b"blob %d\0" % len(c) + c).digest()
-                 for n, c in sorted(blobs.items()))
-    return hashlib.sha1(b"tree %d\0" % len(t) + t).hexdigest()
-
-
 def check(folder, blobs, where):
-    if (tree := git_tree(blobs)) != TREES[folder]:
+    if (tree := data.git_tree(blobs)) != TREES[folder]:
         raise ValueError(f"{where}: its {folder}/ is not the pinned one (git tree {tree}, expected {TREES[folder]}): "
                          f"a changed or corrupt copy")
 
 
 def fetch_archive(root, mirror):
-    """Montgomery and Shenzhen: {folder: {name: bytes}} from GitHub's archive of the commit, fetched once."""
-    from torchvision.datasets.utils import download_url
-    file = f"{MCSZ_REPO.split('/')[1]}-{MCSZ}.tar.gz"
-    path, fetched = os.path.join(root, file), False
-    if not os.path.exists(path):
-        src = (mirror.rstrip("/") + "/" + file if "://" in mirror else os.path.join(mirror, file)) if mirror else \
-            f"https://github.com/{MCSZ_REPO}/archive/{MCSZ}.tar.gz"
-        print(f"fetching {src} -> {path} (about 120 MB)")
-        os.makedirs(root, exist_ok=True)
-        try:
-            if os.path.exists(path + ".part"):                      # left by a killed run: torchvision would keep it
-                os.remove(path + ".part")
-            download_url(src, root, file + ".part") if "://" in src else shutil.copyfile(src, path + ".part")
-        except Exception as e:                                      # no network, a 404, a dropped connection
-            if os.path.exists(path + ".part"):
-                os.remove(path + ".part")
-            raise FileNotFoundError(f"could not fetch {src} ({type(e).__name__}: {e}). Without a network, put "
-                                    f"{file} in {root}/, or point --mirror at a folder or URL holding it, then "
-                                    f"rerun") from None
-        os.replace(path + ".part", path)
-        fetched = True
+    """Montgomery and Shenzhen: {folder: {name: bytes}} from GitHub's archive of the commit, fetched once by
+    data.fetch (beside as .part, renamed; a mirror; one line without a network), its content checked here."""
+    data.DOWNLOADS["lung_eval"] = (f"https://github.com/{MCSZ_REPO}/archive/{MCSZ}.tar.gz",
+                                   f"tree {TREES['data/cxr']}", None)     # no folder: data.fetch leaves it packed
+    path = os.path.join(root, f"{MCSZ}.tar.gz")
+    fetched = not os.path.exists(path)
+    if fetched:
+        print("Montgomery and Shenzhen: about 120 MB")
+    data.fetch("lung_eval", root, mirror)
     blobs = {"data/cxr": {}, "data/masks": {}}
     try:
         with tarfile.open(path) as tar:
